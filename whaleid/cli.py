@@ -1,0 +1,44 @@
+"""Shared command line of the numbered scripts: `--config` overlays, `--set` overrides, clean errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from whaleid.config import Config, load_config
+from whaleid.errors import UserError
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="overlay file deep-merged over config.yaml (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="override one key, e.g. --set train.epochs=3 (repeatable, type-checked)")
+    return p
+
+
+def run_stage(
+    description: str,
+    stage: Callable[[Config, argparse.Namespace], object],
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
+    """Parse arguments, load the config and call `stage(cfg, args)`.
+
+    A UserError (a problem in the user's data or settings) becomes one line on stderr and exit
+    status 2, not a traceback.
+    """
+    p = build_parser(description)
+    if add_args is not None:
+        add_args(p)
+    args = p.parse_args()
+    try:
+        cfg = load_config(args.config, args.sets)
+        stage(cfg, args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished artifacts are kept; rerun to resume", file=sys.stderr)
+        sys.exit(130)
