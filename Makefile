@@ -1,0 +1,81 @@
+# whaleid: `make submission` runs the whole pipeline (demo data when no competition data),
+# `make test` runs lint and tests. Both create .venv and install requirements.txt first.
+# Options: CONFIG=overlay.yaml (deep-merged over config.yaml), SET="train.epochs=3 knn.k=100",
+#          OUT=outputs (artifact folder), PYTHON=python3 (to create the venv).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+OUT    ?= outputs
+CONFIG ?=
+SET    ?=
+ARGS   := $(foreach c,$(CONFIG),--config $(c)) $(foreach s,$(SET),--set $(s)) --set paths.outputs=$(OUT)
+CFG_FILES := config.yaml $(CONFIG)
+PKG    := $(wildcard whaleid/*.py)
+
+CATALOGUE  := $(OUT)/00_prepare/catalogue.csv
+CROPS      := $(OUT)/01_crops/crops.csv
+CHECKPOINT := $(OUT)/02_train/best.pt
+EMBEDDINGS := $(OUT)/03_embed/test_emb.npy
+SUBMISSION := $(OUT)/submission.csv
+
+.PHONY: help venv submission demo-data prepare crop train embed knn test test-fast lint bench \
+        bench-accuracy kaggle-bundle clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed  ## create .venv and install requirements.txt
+
+submission: $(SUBMISSION)  ## run stages 00-04 (only out-of-date ones) and write outputs/submission.csv
+
+demo-data: $(VENV)/.installed  ## generate the built-in demo dataset at paths.demo
+	$(PY) -m whaleid.demo_data $(ARGS)
+
+$(CATALOGUE): $(VENV)/.installed $(CFG_FILES) whaleid/catalogue.py whaleid/demo_data.py
+	$(PY) 00_prepare_data.py $(ARGS)
+
+$(CROPS): $(CATALOGUE) whaleid/detect.py
+	$(PY) 01_detect_crop.py $(ARGS)
+
+$(CHECKPOINT): $(CROPS) whaleid/train.py whaleid/model.py whaleid/losses.py whaleid/dataset.py
+	$(PY) 02_train_arcface.py $(ARGS)
+
+$(EMBEDDINGS): $(CHECKPOINT) whaleid/embed.py whaleid/inference.py
+	$(PY) 03_embed.py $(ARGS)
+
+$(SUBMISSION): $(EMBEDDINGS) whaleid/submit.py whaleid/knn.py
+	$(PY) 04_knn_submit.py $(ARGS)
+
+prepare: $(CATALOGUE)  ## stage 00 only
+crop: $(CROPS)         ## stages up to 01
+train: $(CHECKPOINT)   ## stages up to 02
+embed: $(EMBEDDINGS)   ## stages up to 03
+knn: $(SUBMISSION)     ## stages up to 04 (same as submission)
+
+lint: $(VENV)/.installed  ## ruff
+	$(PY) -m ruff check .
+
+test: lint  ## lint, then every test (slow ones included)
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed  ## tests not marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(VENV)/.installed  ## throughput and accuracy benchmarks on the demo data (results in bench/results/)
+	$(PY) bench/bench_knn.py --scale 0.25
+	$(PY) bench/bench_detect.py $(ARGS)
+	$(PY) bench/bench_train.py $(ARGS)
+	$(PY) bench/bench_embed.py $(ARGS)
+
+clean:  ## remove outputs (keeps data/ and .venv)
+	rm -rf $(OUT)/0* $(OUT)/submission.csv
+
+kaggle-bundle: $(VENV)/.installed  ## build kaggle_bundle/: offline wheels + checkpoints to upload as a Kaggle dataset
+	$(PY) -m whaleid.kaggle_bundle --out kaggle_bundle $(ARGS)
