@@ -90,7 +90,7 @@ def deep_merge(base: dict, overlay: dict, prefix: str = "") -> dict:
             continue
         if key not in base:
             raise UserError(f"unknown config key {path!r}; valid keys here: {sorted(base)}")
-        if isinstance(base[key], dict) and path not in OPEN_MAPS:
+        if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise UserError(f"config key {path!r} is a section; give it a mapping, got {value!r}")
             out[key] = deep_merge(base[key], value, prefix=f"{path}.")
