@@ -110,20 +110,18 @@ def search(
     return _search_faiss(gallery, queries, k, chosen == "faiss_gpu", index, nlist, nprobe)
 
 
-def aggregate_by_individual(
-    scores: np.ndarray, indices: np.ndarray, gallery_labels: np.ndarray, top: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, individuals ranked by their best neighbour score (max over their images).
+def dedupe_sorted(labels: np.ndarray, scores: np.ndarray, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first (best) occurrence of each label per row of a best-first list.
 
-    `scores`/`indices` are a search result sorted best first; faiss marks missing neighbours with
-    index -1. Returns (labels, scores) of shape (Q, top), padded with PAD_LABEL and -inf.
+    Rows must be sorted by score, best first; PAD_LABEL entries are dropped. Returns (labels,
+    scores) of shape (Q, top), kept entries moved to the front, padded with PAD_LABEL and -inf.
     """
-    labels = np.where(indices >= 0, np.asarray(gallery_labels)[np.clip(indices, 0, None)], PAD_LABEL)
-    scores = np.where(indices >= 0, scores, -np.inf).astype(np.float32)
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float32)
     q, k = labels.shape
     top = k if top is None else top
-    # A label's first occurrence in a row is its max, since rows are sorted by score. A stable sort
-    # by label keeps the original order within a label, so "first of its run" marks it.
+    # A stable sort by label keeps the score order within a label, so "first of its run" is the
+    # label's best entry.
     order = np.argsort(labels, axis=1, kind="stable")
     sorted_labels = np.take_along_axis(labels, order, axis=1)
     first = np.ones_like(sorted_labels, dtype=bool)
@@ -134,11 +132,58 @@ def aggregate_by_individual(
     # Move kept entries to the front, preserving their score order.
     front = np.argsort(~keep, axis=1, kind="stable")
     out_labels = np.take_along_axis(np.where(keep, labels, PAD_LABEL), front, axis=1)
-    out_scores = np.take_along_axis(np.where(keep, scores, -np.inf), front, axis=1)
+    out_scores = np.take_along_axis(np.where(keep, scores, -np.inf), front, axis=1).astype(np.float32)
     if top > k:
         out_labels = np.pad(out_labels, ((0, 0), (0, top - k)), constant_values=PAD_LABEL)
         out_scores = np.pad(out_scores, ((0, 0), (0, top - k)), constant_values=-np.inf)
     return out_labels[:, :top], out_scores[:, :top]
+
+
+def aggregate_by_individual(
+    scores: np.ndarray, indices: np.ndarray, gallery_labels: np.ndarray, top: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, individuals ranked by their best neighbour score (max over their images).
+
+    `scores`/`indices` are a search result sorted best first; faiss marks missing neighbours with
+    index -1. Returns (labels, scores) of shape (Q, top), padded with PAD_LABEL and -inf.
+    """
+    labels = np.where(indices >= 0, np.asarray(gallery_labels)[np.clip(indices, 0, None)], PAD_LABEL)
+    scores = np.where(indices >= 0, scores, -np.inf).astype(np.float32)
+    return dedupe_sorted(labels, scores, top)
+
+
+def group_neighbours(
+    scores: np.ndarray, indices: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge the neighbour lists of query rows that belong to one query (flips, crop sources).
+
+    `groups` gives each row's query id. Returns (group ids in first-seen order, scores, indices)
+    with one row per group: the concatenated lists re-sorted best first, padded with -inf / -1.
+    The per-individual max over the merged list is then the max over all rows of the query.
+    """
+    groups = np.asarray(groups)
+    uniq, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    order_of_group = np.argsort(first, kind="stable")  # first-seen order
+    rank = np.empty_like(order_of_group)
+    rank[order_of_group] = np.arange(len(uniq))
+    g = rank[inverse.reshape(-1)]
+    rows = np.argsort(g, kind="stable")
+    counts = np.bincount(g, minlength=len(uniq))
+    slot = np.arange(len(g)) - np.repeat(np.cumsum(counts) - counts, counts)
+    width = int(counts.max()) if len(counts) else 0
+    k = scores.shape[1]
+    merged_s = np.full((len(uniq), width, k), -np.inf, dtype=np.float32)
+    merged_i = np.full((len(uniq), width, k), -1, dtype=np.int64)
+    merged_s[g[rows], slot] = np.where(indices[rows] >= 0, scores[rows], -np.inf)
+    merged_i[g[rows], slot] = indices[rows]
+    merged_s = merged_s.reshape(len(uniq), width * k)
+    merged_i = merged_i.reshape(len(uniq), width * k)
+    best = np.argsort(-merged_s, axis=1, kind="stable")
+    return (
+        uniq[order_of_group],
+        np.take_along_axis(merged_s, best, axis=1),
+        np.take_along_axis(merged_i, best, axis=1),
+    )
 
 
 def insert_new(
@@ -158,22 +203,39 @@ def insert_new(
     return np.where(before, labels, np.where(at, NEW_LABEL, shifted))
 
 
+def _ap_by_insert_rank(labels: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(Q, n+1): the average precision of each query when new_individual sits at rank p = 0..n."""
+    n = labels.shape[1]
+    hit = labels == truth[:, None]
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), 99)[:, None]
+    p = np.arange(n + 1)[None, :]
+    eff = np.where((truth == NEW_LABEL)[:, None], p, np.where(rank < p, rank, rank + 1))
+    return np.where(eff < 5, 1.0 / (eff + 1), 0.0)
+
+
 def map5_for_thresholds(
     labels: np.ndarray, scores: np.ndarray, truth: np.ndarray, thresholds: np.ndarray
 ) -> np.ndarray:
-    """MAP@5 of `insert_new` at each threshold, vectorised over queries (truth NEW_LABEL = new)."""
-    labels, scores = labels[:, :5], scores[:, :5]
+    """MAP@5 of `insert_new` at each threshold (truth NEW_LABEL = new), for any number of thresholds.
+
+    With threshold t, new_individual sits at rank p(t) = #(scores >= t) of a query, so a query's AP
+    changes only where t crosses one of its (at most 5) scores. One sort of all those crossings
+    and a cumulative sum give MAP@5 at every threshold in O((5Q + T) log 5Q), instead of O(5Q * T).
+    """
+    labels, scores = np.asarray(labels)[:, :5], np.asarray(scores, dtype=np.float64)[:, :5]
     truth = np.asarray(truth)
-    hit = labels == truth[:, None]
-    found = hit.any(axis=1)
-    rank = np.where(found, hit.argmax(axis=1), 99)
-    is_new = truth == NEW_LABEL
-    out = np.empty(len(thresholds), dtype=np.float64)
-    for j, t in enumerate(thresholds):
-        pos = (scores >= t).sum(axis=1)
-        eff = np.where(is_new, pos, np.where(rank < pos, rank, rank + 1))
-        out[j] = np.where(eff < 5, 1.0 / (eff + 1), 0.0).mean()
-    return out
+    thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if len(truth) == 0:
+        return np.full(len(thresholds), np.nan)
+    ap = _ap_by_insert_rank(labels, truth)
+    # The j-th highest score of a query moves new_individual from rank j to j+1 once t <= it.
+    desc = -np.sort(-scores, axis=1)
+    gains = np.diff(ap, axis=1)
+    order = np.argsort(desc.ravel(), kind="stable")
+    crossings = desc.ravel()[order]
+    suffix = np.concatenate([np.cumsum(gains.ravel()[order][::-1])[::-1], [0.0]])
+    passed = suffix[np.searchsorted(crossings, thresholds, side="left")]
+    return (ap[:, 0].sum() + passed) / len(truth)
 
 
 def calibrate_threshold(
@@ -197,6 +259,77 @@ def threshold_for_share(top1_scores: np.ndarray, share: float) -> float:
     if finite.size == 0:
         return 0.0
     return float(np.quantile(finite, share))
+
+
+def calibrate_per_group(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    truth: np.ndarray,
+    groups: np.ndarray,
+    min_queries: int,
+    fallback: float,
+) -> dict[int, float]:
+    """One new_individual threshold per group (e.g. predicted species) with the best MAP@5.
+
+    Groups with fewer than `min_queries` validation queries get `fallback` (the global threshold):
+    a threshold fitted on a handful of queries is noise.
+    """
+    out: dict[int, float] = {}
+    for g in np.unique(groups):
+        mask = groups == g
+        out[int(g)] = (
+            calibrate_threshold(labels[mask], scores[mask], truth[mask])[0]
+            if mask.sum() >= min_queries
+            else float(fallback)
+        )
+    return out
+
+
+def thresholds_for_groups(groups: np.ndarray, table: dict[int, float], default: float) -> np.ndarray:
+    """Per-query thresholds looked up by group; groups missing from `table` get `default`."""
+    return np.array([table.get(int(g), default) for g in groups], dtype=np.float32)
+
+
+def blend_logits(
+    knn_labels: np.ndarray,
+    knn_scores: np.ndarray,
+    logit_labels: np.ndarray,
+    logit_scores: np.ndarray,
+    weight: float,
+    top: int = 5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank individuals by (1 - weight) * kNN score + weight * ArcFace class cosine.
+
+    Candidates are the union of both lists. An individual missing from one list gets that list's
+    lowest score in the row (its true score is at most that, being outside the top). Both scores
+    are cosines, so the blend stays on the scale the new_individual threshold was set on.
+    """
+    knn_scores = np.where(knn_labels == PAD_LABEL, -np.inf, knn_scores).astype(np.float32)
+    cand = np.concatenate([knn_labels, logit_labels], axis=1)
+
+    def lookup(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+        finite = np.where(np.isfinite(values), values, np.inf)
+        floor = finite.min(axis=1, keepdims=True)
+        floor = np.where(np.isfinite(floor), floor, 0.0)
+        match = cand[:, :, None] == labels[:, None, :]
+        found = np.where(match, values[:, None, :], -np.inf).max(axis=2)
+        return np.where(np.isfinite(found), found, floor)
+
+    blended = (1.0 - weight) * lookup(knn_labels, knn_scores) + weight * lookup(logit_labels, logit_scores)
+    blended = np.where(cand == PAD_LABEL, -np.inf, blended)
+    order = np.argsort(-blended, axis=1, kind="stable")
+    return dedupe_sorted(np.take_along_axis(cand, order, axis=1), np.take_along_axis(blended, order, axis=1), top)
+
+
+def fill_missing(pred: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Replace PAD_LABEL entries (a gallery with too few individuals) by the first `fallback`
+    labels (e.g. the most frequent individuals) not already in the row."""
+    pred = pred.copy()
+    for r in np.flatnonzero((pred == PAD_LABEL).any(axis=1)):
+        extra = iter(lab for lab in fallback if lab not in set(pred[r]))
+        for c in np.flatnonzero(pred[r] == PAD_LABEL):
+            pred[r, c] = next(extra, PAD_LABEL)
+    return pred
 
 
 def rank_individuals(

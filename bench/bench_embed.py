@@ -1,0 +1,148 @@
+"""Benchmark stage 03's embedding throughput: the real path against the model's bare speed.
+
+- real path: crops read from disk by `CropDataset` (decode, resize, normalise) through a
+  DataLoader into `embed_dataset` (autocast/channels_last on CUDA, flip TTA, L2-normalise);
+- bare: the same model's forward passes (both flips when TTA is on) on random tensors of the same
+  shape, already on the device: the ceiling the input pipeline can at best reach.
+The ratio says how much of the model's speed the input pipeline keeps. Crops come from
+`--crops` (a crops.csv of stage 01) or are generated (random JPEGs) in a temporary folder.
+Usage: python bench/bench_embed.py [--n 512] [--batch-size 64] [--workers 2] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from whaleid.backbone import normalisation  # noqa: E402
+from whaleid.config import load_config  # noqa: E402
+from whaleid.dataset import CropDataset, eval_transform  # noqa: E402
+from whaleid.inference import embed_dataset, resolve_device  # noqa: E402
+from whaleid.model import build_model  # noqa: E402
+
+
+def make_crops(folder: Path, n: int, size: int, seed: int = 0) -> list[str]:
+    """`n` random JPEG crops of `size` px (smooth noise, so they compress like photos)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        img = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
+        path = folder / f"crop_{i:05d}.jpg"
+        cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        paths.append(str(path))
+    return paths
+
+
+@torch.no_grad()
+def bare_loop(model: torch.nn.Module, n: int, batch: int, size: int, device: torch.device, flip: bool) -> float:
+    """Images/s of forward passes on random device tensors, as embed_dataset runs them."""
+    cuda = device.type == "cuda"
+    model.eval().to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            model(x)
+            if flip:
+                model(torch.flip(x, dims=[3]))
+
+    step()  # warm-up (cudnn autotune, allocator)
+    if cuda:
+        torch.cuda.synchronize()
+    start, done = time.perf_counter(), 0
+    while done < n:
+        step()
+        done += batch
+    if cuda:
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - start)
+
+
+def real_path(model: torch.nn.Module, paths: list[str], args: argparse.Namespace, mean, std,
+              device: torch.device) -> float:
+    """Images/s of stage 03's path: disk -> CropDataset -> DataLoader -> embed_dataset."""
+    dataset = CropDataset(paths, transform=eval_transform(args.image_size, mean, std))
+    embed_dataset(model, torch.utils.data.Subset(dataset, range(min(len(paths), args.batch_size))),
+                  args.batch_size, 0, device, flip=args.flip)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    emb = embed_dataset(model, dataset, args.batch_size, args.workers, device, flip=args.flip)
+    seconds = time.perf_counter() - start
+    assert np.isfinite(emb).all(), "non-finite embeddings"
+    return len(paths) / seconds
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or "CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=512, help="crops to embed")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=0, help="0: config train.image_size")
+    p.add_argument("--flip", default="average", choices=["none", "average", "separate"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--crops", default="", help="a crops.csv of stage 01 to read crops from")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "embed.md"))
+    args = p.parse_args()
+    cfg = load_config()
+    args.image_size = args.image_size or cfg.train.image_size
+    device = resolve_device(args.device)
+    model = build_model(cfg, pretrained=False)  # weights do not change the speed
+    mean, std = normalisation(cfg.model.backbone)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.crops:
+            paths = pd.read_csv(args.crops, dtype=str)["crop_path"].tolist()[: args.n]
+            source = f"{len(paths)} crops of {args.crops}"
+        else:
+            paths = make_crops(Path(tmp), args.n, cfg.crop.image_size)
+            source = f"{len(paths)} generated {cfg.crop.image_size}px JPEG crops"
+        real = real_path(model, paths, args, mean, std, device)
+    bare = bare_loop(model, len(paths), args.batch_size, args.image_size, device, args.flip != "none")
+    text = "\n".join([
+        "# Stage 03 embedding throughput\n",
+        f"Machine: {machine(device)}  ",
+        f"Model {cfg.model.backbone} + GeM + neck ({cfg.model.embedding_size}-d), input {args.image_size}px, "
+        f"batch {args.batch_size}, flip TTA {args.flip}, {args.workers} loader workers, device {device}; {source}.\n",
+        "| path | images/s |",
+        "|---|---:|",
+        f"| real (disk -> CropDataset -> DataLoader -> embed_dataset) | {real:.1f} |",
+        f"| bare forward loop on random device tensors | {bare:.1f} |",
+        f"| ratio real / bare | {real / bare:.2f} |",
+    ]) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Known-answer tests of the kNN maths: aggregation, new_individual insertion, thresholds, MAP@5."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from whaleid import knn
+from whaleid.knn import NEW_LABEL, PAD_LABEL
+from whaleid.metrics import map_at_5
+
+
+def unit(rng: np.random.Generator, n: int, d: int = 16) -> np.ndarray:
+    return knn.l2_normalize(rng.standard_normal((n, d)))
+
+
+def test_aggregate_takes_max_per_individual_with_duplicates_and_missing() -> None:
+    gallery_labels = np.array([7, 7, 3, 5, 3, 9])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.0], [0.95, 0.9, 0.2, 0.1, -1.0, -1.0]], dtype=np.float32)
+    idx = np.array([[0, 1, 2, 4, 3, -1], [4, 2, 5, -1, -1, -1]])
+    labels, agg = knn.aggregate_by_individual(scores, idx, gallery_labels, top=4)
+    np.testing.assert_array_equal(labels, [[7, 3, 5, PAD_LABEL], [3, 9, PAD_LABEL, PAD_LABEL]])
+    np.testing.assert_allclose(agg[0, :3], [0.9, 0.7, 0.5])
+    np.testing.assert_allclose(agg[1, :2], [0.95, 0.2])
+    assert np.isneginf(agg[0, 3]) and np.isneginf(agg[1, 2:]).all()
+
+
+def test_aggregate_pads_when_top_exceeds_k() -> None:
+    labels, agg = knn.aggregate_by_individual(np.array([[0.5, 0.4]]), np.array([[1, 0]]), np.array([2, 1]), top=5)
+    np.testing.assert_array_equal(labels, [[1, 2, PAD_LABEL, PAD_LABEL, PAD_LABEL]])
+
+
+def test_group_neighbours_merges_rows_of_one_query() -> None:
+    scores = np.array([[0.9, 0.1], [0.5, 0.4], [0.95, 0.3]], dtype=np.float32)
+    idx = np.array([[0, 1], [2, 3], [1, -1]])
+    images, s, i = knn.group_neighbours(scores, idx, np.array(["b", "a", "b"], dtype=object))
+    assert list(images) == ["b", "a"]
+    np.testing.assert_allclose(s[0], [0.95, 0.9, 0.1, -np.inf])
+    np.testing.assert_array_equal(i[0], [1, 0, 1, -1])
+    np.testing.assert_allclose(s[1, :2], [0.5, 0.4])
+    assert np.isneginf(s[1, 2:]).all()
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2, 3, 4, 5])
+def test_insert_new_at_each_rank(rank: int) -> None:
+    labels = np.array([[10, 11, 12, 13, 14]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]], dtype=np.float32)
+    threshold = [0.95, 0.85, 0.75, 0.65, 0.55, 0.1][rank]
+    out = knn.insert_new(labels, scores, threshold)[0]
+    expected = [10, 11, 12, 13, 14][:rank] + [NEW_LABEL] + [10, 11, 12, 13, 14][rank:]
+    np.testing.assert_array_equal(out, expected[:5])
+
+
+def test_insert_new_per_query_thresholds() -> None:
+    labels = np.array([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]] * 2, dtype=np.float32)
+    out = knn.insert_new(labels, scores, np.array([0.95, 0.75]))
+    np.testing.assert_array_equal(out, [[NEW_LABEL, 1, 2, 3, 4], [1, 2, NEW_LABEL, 3, 4]])
+
+
+def _brute_map5(labels: np.ndarray, scores: np.ndarray, truth: np.ndarray, t: float) -> float:
+    pred = knn.insert_new(labels, scores, t)
+    return map_at_5([[str(x) for x in row] for row in pred], [str(x) for x in truth])
+
+
+def test_map5_for_thresholds_equals_metrics_map_at_5() -> None:
+    rng = np.random.default_rng(0)
+    q = 300
+    scores = -np.sort(-rng.uniform(0, 1, (q, 5)), axis=1).astype(np.float32)
+    labels = np.stack([rng.permutation(20)[:5] for _ in range(q)])
+    truth = np.where(rng.uniform(size=q) < 0.3, NEW_LABEL, rng.integers(0, 20, q))
+    grid = np.concatenate([np.linspace(-0.1, 1.1, 37), scores[:5].ravel()])
+    fast = knn.map5_for_thresholds(labels, scores, truth, grid)
+    slow = [_brute_map5(labels, scores, truth, t) for t in grid]
+    np.testing.assert_allclose(fast, slow, atol=1e-12)
+
+
+def test_map_at_5_hand_computed() -> None:
+    preds = [["a", "b", "c", "d", "e"], ["x", "a", "y", "z", "w"], ["n", "m", "o", "p", "q"],
+             ["new_individual", "a", "b", "c", "d"]]
+    truths = ["a", "a", "k", "new_individual"]
+    assert map_at_5(preds, truths) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert map_at_5([["a", "b", "c", "d", "e"]], ["e"]) == pytest.approx(0.2)
+
+
+def test_calibrate_threshold_finds_the_known_best() -> None:
+    # Known queries score >= 0.8 at rank 0; new ones score <= 0.5: any t in (0.5, 0.8] is perfect.
+    labels = np.array([[1, 2, 3, 4, 5]] * 4)
+    scores = np.array([[0.9, 0.4, 0.3, 0.2, 0.1], [0.8, 0.4, 0.3, 0.2, 0.1],
+                       [0.5, 0.4, 0.3, 0.2, 0.1], [0.45, 0.4, 0.3, 0.2, 0.1]], dtype=np.float32)
+    truth = np.array([1, 1, NEW_LABEL, NEW_LABEL])
+    t, best = knn.calibrate_threshold(labels, scores, truth)
+    assert best == pytest.approx(1.0)
+    assert 0.5 < t <= 0.8
+
+
+def test_calibrate_per_group_falls_back_for_small_groups() -> None:
+    labels = np.array([[1, 2, 3, 4, 5]] * 5)
+    scores = np.array([[0.9, 0.1, 0.0, -0.1, -0.2]] * 5, dtype=np.float32)
+    truth = np.array([NEW_LABEL] * 4 + [1])
+    groups = np.array([0, 0, 0, 0, 1])
+    table = knn.calibrate_per_group(labels, scores, truth, groups, min_queries=3, fallback=0.33)
+    assert table[1] == pytest.approx(0.33)
+    assert table[0] > 0.9  # all of group 0 is new: new_individual must come first
+    np.testing.assert_allclose(knn.thresholds_for_groups(np.array([1, 0, 7]), table, 0.5)[[0, 2]], [0.33, 0.5])
+
+
+def test_threshold_for_share() -> None:
+    top1 = np.linspace(0, 1, 101)
+    t = knn.threshold_for_share(top1, 0.2)
+    pred = knn.insert_new(np.tile(np.arange(5), (101, 1)), np.tile(top1[:, None], (1, 5)), t)
+    assert (pred[:, 0] == NEW_LABEL).mean() == pytest.approx(0.2, abs=0.011)
+    with pytest.raises(ValueError):
+        knn.threshold_for_share(top1, 1.5)
+
+
+def test_faiss_and_torch_backends_agree() -> None:
+    rng = np.random.default_rng(1)
+    gallery, queries = unit(rng, 500), unit(rng, 40)
+    s1, i1 = knn.search(gallery, queries, 10, backend="faiss_cpu")
+    s2, i2 = knn.search(gallery, queries, 10, backend="torch")
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    exact = np.argsort(-(queries @ gallery.T), axis=1)[:, :10]
+    np.testing.assert_array_equal(i1, exact)
+
+
+def test_ivf_index_runs_and_mostly_agrees() -> None:
+    rng = np.random.default_rng(2)
+    centres = unit(rng, 20)
+    gallery = knn.l2_normalize(np.repeat(centres, 100, axis=0) + 0.05 * rng.standard_normal((2000, 16)))
+    queries = gallery[::50] + 0.01
+    s, i = knn.search(gallery, queries, 5, backend="faiss_cpu", index="ivf", nlist=16, nprobe=4)
+    exact = knn.search(gallery, queries, 5, backend="faiss_cpu")[1]
+    assert i.shape == (len(queries), 5)
+    assert (i[:, 0] == exact[:, 0]).mean() > 0.9
+    with pytest.raises(ValueError):
+        knn.search(gallery, queries, 5, backend="faiss_cpu", index="hnsw")
+
+
+def test_blend_logits_reranks_and_fills_missing() -> None:
+    knn_labels = np.array([[1, 2, PAD_LABEL]])
+    knn_scores = np.array([[0.8, 0.6, -np.inf]], dtype=np.float32)
+    logit_labels = np.array([[3, 2]])
+    logit_scores = np.array([[0.9, 0.7]], dtype=np.float32)
+    labels, scores = knn.blend_logits(knn_labels, knn_scores, logit_labels, logit_scores, 0.5, top=3)
+    # 1: (0.8 + 0.7 floor) / 2 = 0.75; 2: (0.6 + 0.7) / 2 = 0.65; 3: (0.6 floor + 0.9) / 2 = 0.75.
+    assert set(labels[0, :2]) == {1, 3} and labels[0, 2] == 2
+    np.testing.assert_allclose(scores[0], [0.75, 0.75, 0.65], atol=1e-6)
+
+
+def test_fill_missing_uses_fallback_without_duplicates() -> None:
+    pred = np.array([[NEW_LABEL, 4, PAD_LABEL, PAD_LABEL, PAD_LABEL]])
+    out = knn.fill_missing(pred, np.array([4, 9, 8, 7]))
+    np.testing.assert_array_equal(out, [[NEW_LABEL, 4, 9, 8, 7]])
+
+
+def test_evaluate_fold_perfect_embedding() -> None:
+    rng = np.random.default_rng(3)
+    centres = unit(rng, 10, 32)
+    gallery = np.repeat(centres[:8], 2, axis=0)
+    labels = np.repeat(np.arange(8), 2)
+    queries = knn.l2_normalize(centres + 0.01)
+    truth = np.array(list(range(8)) + [NEW_LABEL, NEW_LABEL])
+    res = knn.evaluate_fold(gallery, labels, queries, truth, k=10, backend="faiss_cpu")
+    assert res["map5"] == pytest.approx(1.0) and res["n_new"] == 2

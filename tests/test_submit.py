@@ -1,0 +1,172 @@
+"""Stage 04 on synthetic stage-00/03 artifacts written per docs/ARTIFACTS.md (no model needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from whaleid import knn, submit
+from whaleid.config import load_config
+from whaleid.errors import UserError
+from whaleid.metrics import NEW_ID
+
+N_IDS, PER_ID, DIM = 12, 3, 32
+
+
+def _write_image(path: Path, colour: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((24, 32, 3), colour, dtype=np.uint8))
+
+
+def make_artifacts(tmp: Path, flip_separate: bool = True) -> tuple[list[str], dict[str, str]]:
+    """A catalogue of 12 individuals x 3 train images, 10 test images (2 new, 1 never embedded).
+
+    Embeddings sit near one centre per individual, so a correct pipeline ranks them right.
+    Returns (sample image order, test answers).
+    """
+    rng = np.random.default_rng(0)
+    data, out = tmp / "data", tmp / "out"
+    ids = [f"id{i:02d}" for i in range(N_IDS)]
+    centres = knn.l2_normalize(rng.standard_normal((N_IDS + 2, DIM)))
+    train = pd.DataFrame({
+        "image": [f"tr_{i}_{j}.jpg" for i in range(N_IDS) for j in range(PER_ID)],
+        "individual_id": [ids[i] for i in range(N_IDS) for _ in range(PER_ID)],
+        "label": [i for i in range(N_IDS) for _ in range(PER_ID)],
+        "species": ["beluga" if i < 6 else "gray_whale" for i in range(N_IDS) for _ in range(PER_ID)],
+    })
+    train["species_label"] = (train["species"] == "gray_whale").astype(int)
+    # Fold 0 validates image j == 0 of individuals 0-5; individuals 10 and 11 are wholly in fold 0 (new).
+    j = train["image"].str.split("_").str[2].str[0].astype(int)
+    train["fold"] = np.where(((train["label"] < 6) & (j == 0)) | (train["label"] >= 10), 0, -1)
+    train["fold_new"] = train["label"] >= 10
+    test_truth = [0, 1, 2, 3, 4, 5, 6, 7, N_IDS, N_IDS + 1]  # the last two are new individuals
+    test = pd.DataFrame({"image": [f"te_{i}.jpg" for i in range(len(test_truth))]})
+    test = test.assign(individual_id="", label=-1, species="", species_label=-1, fold=-1, fold_new=False)
+    cat = pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True)
+    cat["path"] = [str(data / ("train_images" if s == "train" else "test_images") / i)
+                   for s, i in zip(cat["split"], cat["image"])]
+    cat["width"], cat["height"] = 32, 24
+    for k, p in enumerate(cat["path"]):
+        _write_image(Path(p), 20 * (k % 12))
+    cols = ["image", "split", "path", "width", "height", "species", "individual_id", "label", "species_label",
+            "fold", "fold_new"]
+    (out / "00_prepare").mkdir(parents=True)
+    cat[cols].to_csv(out / "00_prepare" / "catalogue.csv", index=False)
+    (out / "00_prepare" / "label_encoders.json").write_text(json.dumps(
+        {"individual_id": ids, "species": ["beluga", "gray_whale"]}))
+
+    def noisy(c: int, n: int) -> np.ndarray:
+        return knn.l2_normalize(centres[c] + 0.15 * rng.standard_normal((n, DIM)))
+
+    flips = [0, 1] if flip_separate else [-1]
+    tr_rows = [(img, "fullbody", f) for img in train["image"] for f in flips]
+    tr_emb = np.concatenate([noisy(lab, len(flips)) for lab in train["label"]])
+    embedded = test["image"].tolist()[:-1]  # te_9 was excluded upstream: no embedding
+    te_rows = [(img, "fullbody", f) for img in embedded for f in flips]
+    te_emb = np.concatenate([noisy(test_truth[k], len(flips)) for k in range(len(embedded))])
+    emb_dir = out / "03_embed"
+    emb_dir.mkdir(parents=True)
+    np.save(emb_dir / "train_emb.npy", tr_emb.astype(np.float32))
+    np.save(emb_dir / "test_emb.npy", te_emb.astype(np.float32))
+    pd.DataFrame(tr_rows, columns=["image", "source", "flip"]).to_csv(emb_dir / "train_index.csv", index=False)
+    pd.DataFrame(te_rows, columns=["image", "source", "flip"]).to_csv(emb_dir / "test_index.csv", index=False)
+    (emb_dir / "report.json").write_text(json.dumps({"checkpoint": {"kind": "untrained", "path": None}}))
+
+    sample = list(reversed(test["image"].tolist()))  # an order different from the index files
+    data.mkdir(exist_ok=True)
+    train[["image", "species", "individual_id"]].to_csv(data / "train.csv", index=False)
+    pd.DataFrame({"image": sample, "predictions": ""}).to_csv(data / "sample_submission.csv", index=False)
+    answers = {img: (ids[t] if t < N_IDS else NEW_ID) for img, t in zip(test["image"], test_truth)}
+    pd.DataFrame({"image": list(answers), "individual_id": list(answers.values())}).to_csv(
+        data / "test_labels.csv", index=False)
+    return sample, answers
+
+
+def config(tmp: Path, *sets: str):
+    return load_config(sets=[f"paths.data={tmp / 'data'}", f"paths.outputs={tmp / 'out'}",
+                             "knn.report_queries=4", "knn.backend=faiss_cpu", *sets])
+
+
+def test_stage_04_end_to_end(tmp_path: Path) -> None:
+    sample, answers = make_artifacts(tmp_path)
+    path = submit.run(config(tmp_path))
+    sub = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert sub["image"].tolist() == sample
+    submit.validate_submission(sub, sample, {f"id{i:02d}" for i in range(N_IDS)})
+    preds = dict(zip(sub["image"], sub["predictions"].str.split()))
+    assert preds["te_9.jpg"][0] == NEW_ID  # the fallback row of the image without an embedding
+    for img in [f"te_{i}.jpg" for i in range(8)]:
+        assert answers[img] in preds[img][:2], (img, preds[img])
+    metrics = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())
+    assert metrics["counts"]["fallback_rows"] == 1 and metrics["counts"]["fallback_images"] == ["te_9.jpg"]
+    assert metrics["validation"]["n"] == 12 and metrics["validation"]["n_new"] == 6
+    assert metrics["validation"]["map5"] > 0.8
+    assert metrics["test"]["map5"] > 0.7
+    assert metrics["threshold"]["how"].startswith("calibrate")
+    out = tmp_path / "out" / "04_submit"
+    for name in ["report.html", "contact_sheet.png", "pseudo_labels.csv", "config.resolved.yaml"]:
+        assert (out / name).exists(), name
+    pseudo = pd.read_csv(out / "pseudo_labels.csv")
+    assert list(pseudo.columns) == ["image", "individual_id", "confidence"]
+    assert (pseudo["confidence"] >= 0.8).all()
+
+
+@pytest.mark.parametrize("sets", [
+    ["knn.new_mode=share", "knn.new_share=0.3"],
+    ["knn.new_mode=fixed", "knn.new_threshold=2.0"],
+    ["knn.per_species=true", "knn.per_species_min=2"],
+    ["prepare.fold=-1"],
+])
+def test_threshold_modes(tmp_path: Path, sets: list[str]) -> None:
+    make_artifacts(tmp_path, flip_separate=False)
+    sub = pd.read_csv(submit.run(config(tmp_path, *sets)), dtype=str, keep_default_na=False)
+    first = sub["predictions"].str.split().str[0]
+    metrics = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())
+    if "knn.new_mode=fixed" in sets:
+        assert (first == NEW_ID).all()  # no cosine reaches 2.0
+    if "knn.new_mode=share" in sets:
+        assert metrics["threshold"]["how"].startswith("share")
+    if "prepare.fold=-1" in sets:
+        assert "validation" not in metrics
+        assert "no validation fold" in metrics["threshold"]["how"]  # untrained: falls back to share
+    if "knn.per_species=true" in sets:
+        assert set(metrics["threshold"]["per_species"]) <= {"beluga", "gray_whale"}
+
+
+def test_non_finite_embedding_is_named(tmp_path: Path) -> None:
+    make_artifacts(tmp_path)
+    emb_path = tmp_path / "out" / "03_embed" / "test_emb.npy"
+    emb = np.load(emb_path)
+    emb[3, 0] = np.nan
+    np.save(emb_path, emb)
+    with pytest.raises(UserError, match="te_1.jpg"):
+        submit.run(config(tmp_path))
+
+
+SAMPLE = ["a.jpg", "b.jpg"]
+KNOWN = {"x1", "x2", "x3", "x4", "x5"}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("a.jpg", "x1 x2 x3 x4 x5")], "lacks 1 image"),
+    ([("a.jpg", "x1 x2 x3 x4 x5"), ("a.jpg", "x1 x2 x3 x4 x5")], "more than once"),
+    ([("a.jpg", "x1 x2 x3 x4"), ("b.jpg", "x1 x2 x3 x4 x5")], "row 0 .*4 ids"),
+    ([("a.jpg", "x1 x2 x3 x4 x5"), ("b.jpg", "x1 x1 x3 x4 x5")], "row 1 .*repeats"),
+    ([("a.jpg", "x1 x2 x3 x4 x5"), ("b.jpg", "new_individual x2 x3 x4 zz")], "row 1 .*'zz'"),
+    ([("a.jpg", "x1 x2 x3 x4 x5"), ("c.jpg", "x1 x2 x3 x4 x5"), ("b.jpg", "x1 x2 x3 x4 x5")], "c.jpg"),
+])
+def test_validate_submission_names_the_row(rows: list, message: str) -> None:
+    df = pd.DataFrame(rows, columns=["image", "predictions"])
+    with pytest.raises(UserError, match=message):
+        submit.validate_submission(df, SAMPLE, KNOWN)
+
+
+def test_validate_submission_accepts_a_good_one() -> None:
+    df = pd.DataFrame([("a.jpg", "x1 x2 x3 x4 x5"), ("b.jpg", "new_individual x2 x3 x4 x5")],
+                      columns=["image", "predictions"])
+    submit.validate_submission(df, SAMPLE, KNOWN)

@@ -1,0 +1,303 @@
+"""Stage 03: embed every train (gallery) and test crop with the trained model.
+
+The model is rebuilt from the checkpoint's own config (not today's config.yaml), so embeddings
+match what was trained. `embed.checkpoint: untrained` embeds GeM-pooled ImageNet features of a
+fresh backbone instead: the floor a trained model must beat. Flip TTA (`embed.flip_tta`):
+`average` (the 1st-place TTA) or `separate` (two gallery rows per image); several crop sources
+per image are averaged or kept as separate rows (`embed.sources_merge`). Under torchrun each rank
+embeds a strided shard and rank 0 gathers the shards and writes every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Subset
+
+from whaleid.backbone import normalisation
+from whaleid.catalogue import load_catalogue
+from whaleid.config import Config, config_from_dict
+from whaleid.dataset import CropDataset, eval_transform
+from whaleid.errors import UserError
+from whaleid.inference import FLIPS, embed_dataset
+from whaleid.io import (
+    STAGE_DIRS,
+    atomic_path,
+    fingerprint_config,
+    fingerprint_files,
+    require,
+    stage_dir,
+    write_csv,
+    write_json,
+    write_npy,
+    write_resolved_config,
+)
+from whaleid.model import build_model, load_checkpoint
+from whaleid.train import Runtime, init_runtime
+
+CROP_MADE_BY = "01_detect_crop.py"
+CROPS_COLUMNS = ("image", "split", "source", "crop_path")
+NAMED_CHECKPOINTS = ("best", "last")
+MERGES = ("average", "separate")
+LOGIT_CHUNK = 4096
+
+
+@dataclass
+class Loaded:
+    """The model to embed with and what it came from."""
+
+    model: nn.Module
+    heads: nn.Module | None  # ArcFace heads (None for the untrained floor)
+    config: Config  # the config that built the model
+    raw: bool  # embed pooled backbone features (no neck)
+    info: dict  # checkpoint path, kind, fingerprint, epoch, fold, threshold
+
+
+def _sha1(path: Path) -> str:
+    """Content hash of a file (16 hex digits): which checkpoint exactly made these embeddings."""
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def checkpoint_path(cfg: Config) -> Path | None:
+    """The checkpoint file `embed.checkpoint` names (None for `untrained`)."""
+    name = cfg.embed.checkpoint
+    if name == "untrained":
+        return None
+    if name in NAMED_CHECKPOINTS:
+        return require(Path(cfg.paths.outputs) / STAGE_DIRS["train"] / f"{name}.pt", "02_train_arcface.py")
+    path = Path(name)
+    if not path.is_file():
+        raise UserError(f"embed.checkpoint {name!r} is neither best, last, untrained nor an existing file")
+    return path
+
+
+def load_model(cfg: Config) -> Loaded:
+    """The model per `embed.checkpoint`, rebuilt from the checkpoint's own config."""
+    path = checkpoint_path(cfg)
+    if path is None:
+        model = build_model(cfg, pretrained=True)
+        info = {"kind": "untrained", "path": None, "pretrained": cfg.model.pretrained,
+                "backbone": cfg.model.backbone}
+        return Loaded(model.eval(), None, cfg, True, info)
+    model, heads, ckpt = load_checkpoint(path)
+    info = {
+        "kind": cfg.embed.checkpoint if cfg.embed.checkpoint in NAMED_CHECKPOINTS else "path",
+        "path": str(path.resolve()),
+        "fingerprint": _sha1(path),
+        "epoch": int(ckpt["epoch"]),
+        "fold": int(ckpt["fold"]),
+        "best_metric": float(ckpt["best_metric"]),
+        "threshold": float(ckpt["threshold"]),
+    }
+    return Loaded(model, heads, config_from_dict(ckpt["config"]), False, info)
+
+
+def crop_rows(cfg: Config) -> tuple[pd.DataFrame, dict]:
+    """One row per (image, crop source) to embed, train then test: image, split, source, crop_path.
+
+    Only catalogue images are embedded (crops of excluded images are skipped); catalogue images
+    without a crop are counted, and stage 04 gives such test images its fallback row.
+    """
+    path = require(Path(cfg.paths.outputs) / STAGE_DIRS["crop"] / "crops.csv", CROP_MADE_BY)
+    crops = pd.read_csv(path, dtype=str, keep_default_na=False)
+    lacking = [c for c in CROPS_COLUMNS if c not in crops.columns]
+    if lacking:
+        raise UserError(f"{path} lacks column(s) {lacking}: rerun {CROP_MADE_BY}")
+    unknown = sorted(set(cfg.crop.sources) - set(crops["source"]))
+    if unknown:
+        raise UserError(f"crop source(s) {unknown} of crop.sources are not in {path}: rerun {CROP_MADE_BY}")
+    catalogue = load_catalogue(cfg)[["image", "split"]]
+    crops = crops[crops["source"].isin(cfg.crop.sources) & (crops["crop_path"] != "")]
+    rows = catalogue.merge(crops[list(CROPS_COLUMNS)], on=["image", "split"], how="inner")
+    rows = rows.sort_values(["split", "image", "source"], key=_train_first, kind="stable").reset_index(drop=True)
+    missing = catalogue[~catalogue.set_index(["image", "split"]).index.isin(rows.set_index(["image", "split"]).index)]
+    counts = {
+        split: {"images": int(rows.loc[rows["split"] == split, "image"].nunique()),
+                "without_crop": int((missing["split"] == split).sum())}
+        for split in ("train", "test")
+    }
+    if len(missing):
+        print(f"note: {len(missing)} catalogue image(s) have no crop in {path} and are not embedded, "
+              f"e.g. {missing['image'].iat[0]} ({missing['split'].iat[0]})")
+    return rows, counts
+
+
+def _train_first(col: pd.Series) -> pd.Series:
+    return col.map({"train": 0, "test": 1}) if col.name == "split" else col
+
+
+def embed_sharded(
+    model: nn.Module, dataset: CropDataset, cfg: Config, rt: Runtime, raw: bool,
+) -> np.ndarray | None:
+    """Embeddings of `dataset` in order; each rank embeds rows rank, rank+world, ... and rank 0
+    gathers them. Returns None on other ranks."""
+    idx = np.arange(rt.rank, len(dataset), rt.world)
+    part = embed_dataset(model, Subset(dataset, idx.tolist()), batch_size=cfg.embed.batch_size,
+                         workers=cfg.embed.workers, device=rt.device, amp=cfg.embed.amp,
+                         flip=cfg.embed.flip_tta, raw=raw, desc=f"embed rank {rt.rank}")
+    if rt.world == 1:
+        return part
+    parts: list[Any] = [None] * rt.world
+    dist.all_gather_object(parts, (idx, part))
+    if not rt.main:
+        return None
+    shape = next(p.shape[1:] for i, p in parts if len(i))
+    out = np.zeros((len(dataset), *shape), dtype=np.float32)
+    for shard_idx, emb in parts:
+        if len(shard_idx):
+            out[shard_idx] = emb
+    return out
+
+
+def expand_flips(rows: pd.DataFrame, emb: np.ndarray, flip: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Index rows with their `flip` column: (N,2,D) separate flips become 2N rows (flip 0 then 1);
+    averaged flips get flip -1, no TTA flip 0."""
+    if flip == "separate":
+        rows = pd.concat([rows.assign(flip=0), rows.assign(flip=1)]).sort_index(kind="stable")
+        return rows.reset_index(drop=True), emb.reshape(-1, emb.shape[-1])
+    return rows.assign(flip=-1 if flip == "average" else 0), emb
+
+
+def merge_sources(rows: pd.DataFrame, emb: np.ndarray, merge: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """With `average`, one row per (split, image, flip): the mean of its sources, renormalised
+    (source named by its sources joined with '+'). With `separate`, rows are kept."""
+    if merge not in MERGES:
+        raise UserError(f"unknown embed.sources_merge {merge!r}; valid: {list(MERGES)}")
+    if merge == "separate" or not rows.duplicated(["split", "image", "flip"]).any():
+        return rows, emb
+    keys = rows[["split", "image", "flip"]].astype(str).agg("\x1f".join, axis=1)
+    codes, uniques = pd.factorize(keys, sort=False)
+    summed = np.zeros((len(uniques), emb.shape[1]), dtype=np.float64)
+    np.add.at(summed, codes, emb)
+    merged = (summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    first = rows.groupby(codes, sort=True).head(1).sort_index()
+    sources = rows.groupby(codes, sort=True)["source"].agg("+".join).to_numpy()
+    out = first.assign(source=sources[codes[first.index]]).reset_index(drop=True)
+    return out, merged[codes[first.index]]
+
+
+def check_finite(rows: pd.DataFrame, emb: np.ndarray) -> None:
+    """A NaN or infinite embedding is an error naming the image (e.g. a blank crop under fp16)."""
+    bad = np.flatnonzero(~np.isfinite(emb.reshape(len(emb), -1)).all(axis=1))
+    if len(bad):
+        r = rows.iloc[bad[0]]
+        raise UserError(f"the embedding of {r['split']} image {r['image']} (crop {r['crop_path']}) is not finite; "
+                        f"{len(bad)} row(s) affected: check that crop, or set embed.amp false")
+
+
+@torch.no_grad()
+def top_logits(heads: nn.Module, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k individual-class cosines of each embedding row: (labels int64, scores float32)."""
+    labels, scores = [], []
+    for start in range(0, len(emb), LOGIT_CHUNK):
+        cos = heads.individual.cosine(torch.from_numpy(emb[start:start + LOGIT_CHUNK]))
+        s, i = torch.topk(cos, min(k, cos.shape[1]), dim=1)
+        labels.append(i.numpy().astype(np.int64))
+        scores.append(s.numpy().astype(np.float32))
+    if not labels:
+        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+    return np.concatenate(labels), np.concatenate(scores)
+
+
+def _write_logits(out: Path, heads: nn.Module | None, rows: pd.DataFrame, emb: np.ndarray, k: int) -> str:
+    """test_logits.npz: per test image (its rows averaged) the top-k class cosines; returns a note."""
+    if k <= 0:
+        return "off (embed.logits_topk = 0)"
+    if heads is None:
+        return "skipped: the untrained backbone has no ArcFace head"
+    codes, images = pd.factorize(rows["image"], sort=False)
+    summed = np.zeros((len(images), emb.shape[1]), dtype=np.float32)
+    np.add.at(summed, codes, emb)
+    labels, scores = top_logits(heads, summed, k)
+    with atomic_path(out / "test_logits.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=np.asarray(images, dtype=str), labels=labels, scores=scores)
+    return f"top {labels.shape[1]} class cosines for {len(images)} test images"
+
+
+def _check_embed_config(cfg: Config) -> None:
+    e = cfg.embed
+    if e.flip_tta not in FLIPS:
+        raise UserError(f"unknown embed.flip_tta {e.flip_tta!r}; valid: {list(FLIPS)}")
+    if e.sources_merge not in MERGES:
+        raise UserError(f"unknown embed.sources_merge {e.sources_merge!r}; valid: {list(MERGES)}")
+    if e.batch_size < 1 or e.image_size < 0 or e.logits_topk < 0 or e.workers < 0:
+        raise UserError("embed.batch_size must be >= 1 and embed.image_size, logits_topk, workers >= 0")
+
+
+def run(cfg: Config) -> Path:
+    """Stage 03: write train/test embeddings, their index files, optional test logits and a report.
+
+    Returns the stage folder. Under torchrun only rank 0 writes.
+    """
+    _check_embed_config(cfg)
+    rt = init_runtime(cfg)
+    try:
+        return _run(cfg, rt)
+    finally:
+        if rt.world > 1:
+            dist.destroy_process_group()
+
+
+def _run(cfg: Config, rt: Runtime) -> Path:
+    start = time.time()
+    loaded = load_model(cfg)
+    size = cfg.embed.image_size or loaded.config.train.image_size
+    mean, std = normalisation(loaded.config.model.backbone)
+    rows, counts = crop_rows(cfg)
+    if rows.empty:
+        raise UserError(f"no crop of a catalogue image to embed: rerun {CROP_MADE_BY}")
+    dataset = CropDataset(rows["crop_path"].tolist(), transform=eval_transform(size, mean, std))
+    t0 = time.perf_counter()
+    emb = embed_sharded(loaded.model, dataset, cfg, rt, loaded.raw)
+    seconds = time.perf_counter() - t0
+    out = stage_dir(cfg, "embed")
+    if not rt.main:
+        return out
+    check_finite(rows, emb)
+    rows, emb = expand_flips(rows, emb, cfg.embed.flip_tta)
+    rows, emb = merge_sources(rows, emb, cfg.embed.sources_merge)
+    write_resolved_config(cfg, out)
+    for split in ("train", "test"):
+        mask = (rows["split"] == split).to_numpy()
+        write_npy(out / f"{split}_emb.npy", np.ascontiguousarray(emb[mask], dtype=np.float32))
+        write_csv(out / f"{split}_index.csv", rows.loc[mask, ["image", "source", "flip"]])
+    test = (rows["split"] == "test").to_numpy()
+    logits_note = _write_logits(out, loaded.heads, rows[test], emb[test], cfg.embed.logits_topk)
+    report = {
+        "checkpoint": loaded.info,
+        "image_size": size,
+        "flip_tta": cfg.embed.flip_tta,
+        "sources": list(cfg.crop.sources),
+        "sources_merge": cfg.embed.sources_merge,
+        "device": str(rt.device),
+        "world_size": rt.world,
+        "counts": counts | {"train_rows": int((~test).sum()), "test_rows": int(test.sum()),
+                            "crops_embedded": len(dataset), "dim": int(emb.shape[1])},
+        "images_per_s": round(len(dataset) / max(seconds, 1e-9), 2),
+        "embed_seconds": round(seconds, 2),
+        "logits": logits_note,
+        "fingerprints": {
+            "inputs": fingerprint_files([Path(cfg.paths.outputs) / STAGE_DIRS["crop"] / "crops.csv"]),
+            "config": fingerprint_config({"embed": cfg.embed.to_dict(), "crop.sources": cfg.crop.sources}),
+        },
+        "seconds": round(time.time() - start, 2),
+    }
+    write_json(out / "report.json", report)
+    print(f"embedded {len(dataset)} crops at {report['images_per_s']:.1f} img/s with {loaded.info['kind']} "
+          f"checkpoint: {report['counts']['train_rows']} train rows, {report['counts']['test_rows']} test rows, "
+          f"dim {emb.shape[1]} -> {out}")
+    return out

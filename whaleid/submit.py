@@ -1,0 +1,587 @@
+"""Stage 04: rank individuals by kNN over the stage-03 embeddings, insert new_individual, write
+`submission.csv`, pseudo-labels, metrics and the visual report.
+
+The maths (search, per-individual max, thresholds, MAP@5) lives in `whaleid.knn` and
+`whaleid.metrics`; this module reads the artifacts, wires them together and checks the result.
+
+Threshold for new_individual (`knn.new_mode`):
+- `calibrate`: the best MAP@5 on the validation fold (`prepare.fold`), optionally per predicted
+  species (`knn.per_species`; the species of the top-1 individual, so it works on test images
+  whose species is unknown). With no fold (`prepare.fold: -1`, trained on all data) the
+  checkpoint's own threshold is used, else the `share` rule, and metrics.json says which.
+- `share`: the threshold that puts new_individual first for `knn.new_share` of the test images,
+  as the 1st-place solution did.
+- `fixed`: `knn.new_threshold`.
+The ArcFace-logit blend (`knn.logit_weight`) needs `test_logits.npz`, which stage 03 writes for
+test images only, so it changes test rankings only: validation scores and the calibrated
+threshold come from pure kNN scores (the blend is a convex mix of cosines, on the same scale).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from whaleid import knn
+from whaleid.catalogue import labels_file as answers_file
+from whaleid.catalogue import load_catalogue, load_encoders, resolve_data_dir
+from whaleid.config import Config
+from whaleid.errors import UserError
+from whaleid.io import (
+    STAGE_DIRS,
+    fingerprint_config,
+    fingerprint_files,
+    read_json,
+    require,
+    stage_dir,
+    write_csv,
+    write_json,
+    write_resolved_config,
+)
+from whaleid.metrics import NEW_ID, map5_report
+from whaleid.report import QueryRow, Tile, write_report
+
+EMBED_MADE_BY = "03_embed.py"
+NEW_MODES = ("calibrate", "share", "fixed")
+INDEX_COLUMNS = ("image", "source", "flip")
+FALLBACK_IDS = 4  # a missing test image gets new_individual + this many most frequent train ids
+BLEND_CANDIDATES = 20  # kNN individuals kept per query before the logit blend re-ranks them
+
+
+@dataclass
+class Embeddings:
+    """The stage-03 artifacts: embedding rows and, per row, its image, crop source and flip."""
+
+    train: np.ndarray
+    test: np.ndarray
+    train_index: pd.DataFrame
+    test_index: pd.DataFrame
+    logits: dict | None
+    report: dict
+
+
+@dataclass
+class Ranking:
+    """Ranked individuals of each query image, with the merged neighbour lists (for the report)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    nbr_scores: np.ndarray
+    nbr_index: np.ndarray  # indices into the gallery rows below
+    gallery_rows: np.ndarray  # rows of train_emb that formed the gallery
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking the inputs
+# ---------------------------------------------------------------------------------------------
+
+def _read_index(path: Path, rows: int) -> pd.DataFrame:
+    df = pd.read_csv(require(path, EMBED_MADE_BY), dtype={"image": str, "source": str}, keep_default_na=False)
+    missing = [c for c in INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {missing}: rerun {EMBED_MADE_BY}")
+    if len(df) != rows:
+        raise UserError(f"{path} has {len(df)} rows but its .npy has {rows}: rerun {EMBED_MADE_BY}")
+    return df
+
+
+def _read_emb(path: Path, index_path: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    emb = np.load(require(path, EMBED_MADE_BY))
+    if emb.ndim != 2:
+        raise UserError(f"{path} must be a 2-D array, got shape {emb.shape}: rerun {EMBED_MADE_BY}")
+    index = _read_index(index_path, len(emb))
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if len(bad):
+        raise UserError(f"{path} has non-finite values in row {bad[0]} (image {index['image'].iat[bad[0]]}): "
+                        f"rerun {EMBED_MADE_BY}")
+    return knn.l2_normalize(emb), index
+
+
+def load_embeddings(folder: Path) -> Embeddings:
+    """Read and check the stage-03 folder: shapes, index rows, finite values, optional logits."""
+    train, train_index = _read_emb(folder / "train_emb.npy", folder / "train_index.csv")
+    test, test_index = _read_emb(folder / "test_emb.npy", folder / "test_index.csv")
+    if len(train) == 0:
+        raise UserError(f"{folder / 'train_emb.npy'} is empty: no gallery to search")
+    if len(test) and test.shape[1] != train.shape[1]:
+        raise UserError(f"train and test embeddings differ in size ({train.shape[1]} vs {test.shape[1]}): "
+                        f"rerun {EMBED_MADE_BY}")
+    logits = None
+    if (folder / "test_logits.npz").exists():
+        with np.load(folder / "test_logits.npz", allow_pickle=False) as z:
+            logits = {key: z[key] for key in z.files}
+    report = read_json(folder / "report.json") if (folder / "report.json").exists() else {}
+    return Embeddings(train, test, train_index, test_index, logits, report)
+
+
+def _train_lookup(catalogue: pd.DataFrame, images: pd.Series, what: str) -> pd.DataFrame:
+    """The catalogue train rows of `images` (in that order), or a UserError naming a stray image."""
+    train = catalogue[catalogue["split"] == "train"].set_index("image")
+    unknown = ~images.isin(train.index)
+    if unknown.any():
+        raise UserError(f"{what} lists image {images[unknown].iat[0]!r}, which is not a train image of the "
+                        f"catalogue: rerun {EMBED_MADE_BY} after 00_prepare_data.py")
+    return train.loc[images.to_numpy()].reset_index()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking
+# ---------------------------------------------------------------------------------------------
+
+def rank(
+    emb: np.ndarray, labels: np.ndarray, gallery_rows: np.ndarray, queries: np.ndarray,
+    query_images: np.ndarray, cfg: Config, top: int = 5,
+) -> Ranking:
+    """kNN of `queries` among the train rows `gallery_rows` (labels: codes of all train rows),
+    rows of one query image merged (flips, crop sources), then the per-individual max."""
+    k = cfg.knn
+    if len(queries) == 0:
+        empty = np.zeros((0, top), dtype=np.float32)
+        codes = np.full((0, top), knn.PAD_LABEL, dtype=np.int64)
+        return Ranking(np.array([], dtype=object), codes, empty, empty, codes, gallery_rows)
+    scores, idx = knn.search(emb[gallery_rows], queries, k.k, backend=k.backend, index=k.index,
+                             nlist=k.ivf_nlist, nprobe=k.ivf_nprobe)
+    images, scores, idx = knn.group_neighbours(scores, idx, query_images)
+    ranked, agg = knn.aggregate_by_individual(scores, idx, labels[gallery_rows], top=top)
+    return Ranking(images, ranked, agg, scores, idx, gallery_rows)
+
+
+def _species_of_labels(train: pd.DataFrame, n_labels: int) -> np.ndarray:
+    """Species code of each individual code (the most frequent one; -1 for unused codes)."""
+    out = np.full(max(n_labels, 1), -1, dtype=np.int64)
+    modes = train.groupby("label")["species_label"].agg(lambda s: s.value_counts().index[0])
+    out[modes.index.to_numpy()] = modes.to_numpy()
+    return out
+
+
+def _predicted_species(labels: np.ndarray, label_species: np.ndarray) -> np.ndarray:
+    top1 = labels[:, 0] if labels.size else np.zeros(0, dtype=np.int64)
+    return np.where(top1 >= 0, label_species[np.clip(top1, 0, None)], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# new_individual threshold
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Threshold:
+    """The global threshold, optional per-species ones (species code -> value) and how chosen."""
+
+    value: float
+    how: str
+    per_species: dict[int, float] | None = None
+
+    def for_queries(self, species: np.ndarray) -> np.ndarray | float:
+        if not self.per_species:
+            return self.value
+        return knn.thresholds_for_groups(species, self.per_species, self.value)
+
+
+def _checkpoint_threshold(report: dict) -> tuple[float | None, str]:
+    """The threshold stored in the checkpoint that stage 03 embedded with, or None and why not."""
+    ckpt = report.get("checkpoint", {})
+    path = ckpt.get("path")
+    if not path or ckpt.get("kind") == "untrained":
+        return None, "the embeddings come from the untrained backbone, which has no threshold"
+    if not Path(path).exists():
+        return None, f"checkpoint {path} named by the embed report no longer exists"
+    from whaleid.model import read_checkpoint  # torch is only needed on this path
+
+    value = read_checkpoint(path)["threshold"]
+    if value is None or not np.isfinite(value):
+        return None, f"checkpoint {path} holds no finite threshold"
+    return float(value), f"threshold stored in checkpoint {path}"
+
+
+def choose_threshold(cfg: Config, val: dict | None, test_top1: np.ndarray, report: dict) -> Threshold:
+    """Apply `knn.new_mode` (module docstring) to the validation ranking and the test top-1 scores."""
+    k = cfg.knn
+    if k.new_mode not in NEW_MODES:
+        raise UserError(f"unknown knn.new_mode {k.new_mode!r}; valid: {list(NEW_MODES)}")
+    if k.new_mode == "fixed":
+        return Threshold(k.new_threshold, "fixed: knn.new_threshold")
+    share = Threshold(knn.threshold_for_share(test_top1, k.new_share),
+                      f"share: new_individual first for {k.new_share:.0%} of test images")
+    if k.new_mode == "share":
+        return share
+    if val is None:
+        value, why = _checkpoint_threshold(report)
+        if value is None:
+            share.how += f" (calibrate asked, but there is no validation fold and {why})"
+            print(f"note: no validation fold to calibrate on and {why}; using the share rule")
+            return share
+        return Threshold(value, f"calibrate: no validation fold, so the {why}")
+    value, _ = knn.calibrate_threshold(val["labels"], val["scores"], val["truth"])
+    how = f"calibrate: best MAP@5 on fold {cfg.prepare.fold} ({len(val['truth'])} queries)"
+    table = None
+    if k.per_species:
+        table = knn.calibrate_per_group(val["labels"], val["scores"], val["truth"], val["species"],
+                                        k.per_species_min, value)
+        how += f", per predicted species with >= {k.per_species_min} queries, else global"
+    return Threshold(value, how, table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation fold
+# ---------------------------------------------------------------------------------------------
+
+def validation_ranking(cfg: Config, emb: Embeddings, rows: pd.DataFrame, label_species: np.ndarray) -> dict | None:
+    """Rank the fold's train images against the other train images; None when there is no fold.
+
+    `rows` are the catalogue rows of the train embedding rows, aligned with them.
+    """
+    fold = cfg.prepare.fold
+    if fold < 0:
+        return None
+    is_query = (rows["fold"] == fold).to_numpy()
+    if not is_query.any() or is_query.all():
+        print(f"note: fold {fold} has no usable validation split among the embedded images; skipping validation")
+        return None
+    r = rank(emb.train, rows["label"].to_numpy(), np.flatnonzero(~is_query), emb.train[is_query],
+             rows["image"].to_numpy()[is_query], cfg)
+    truth_rows = rows[is_query].drop_duplicates("image").set_index("image").loc[r.images]
+    truth = np.where(truth_rows["fold_new"].to_numpy(), knn.NEW_LABEL, truth_rows["label"].to_numpy())
+    return {"ranking": r, "labels": r.labels, "scores": r.scores, "truth": truth,
+            "species": _predicted_species(r.labels, label_species)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission
+# ---------------------------------------------------------------------------------------------
+
+def to_ids(codes: np.ndarray, id_names: list[str]) -> list[list[str]]:
+    """Label codes to individual ids (NEW_LABEL -> new_individual)."""
+    names = np.asarray(list(id_names) + [NEW_ID], dtype=object)
+    return [list(row) for row in names[np.where(codes == knn.NEW_LABEL, len(id_names), codes)]]
+
+
+def validate_submission(df: pd.DataFrame, sample_images: list[str], known_ids: set[str]) -> None:
+    """Check a submission before it is written: every sample image once and in order, 5 distinct
+    ids each, each a train id or new_individual. Raises a UserError naming the first bad row."""
+    if list(df.columns) != ["image", "predictions"]:
+        raise UserError(f"submission columns must be ['image', 'predictions'], got {list(df.columns)}")
+    dup = df["image"].duplicated()
+    if dup.any():
+        raise UserError(f"submission row {int(np.flatnonzero(dup)[0])}: image {df['image'][dup].iat[0]!r} "
+                        "appears more than once")
+    missing = sorted(set(sample_images) - set(df["image"]))
+    if missing:
+        raise UserError(f"submission lacks {len(missing)} image(s) of sample_submission.csv, e.g. {missing[0]!r}")
+    extra = sorted(set(df["image"]) - set(sample_images))
+    if extra:
+        raise UserError(f"submission has image {extra[0]!r}, which is not in sample_submission.csv")
+    for row, (image, pred) in enumerate(zip(df["image"], df["predictions"])):
+        ids = str(pred).split()
+        where = f"submission row {row} (image {image!r})"
+        if len(ids) != 5:
+            raise UserError(f"{where} has {len(ids)} ids, needs 5: {pred!r}")
+        if len(set(ids)) != 5:
+            raise UserError(f"{where} repeats an id: {pred!r}")
+        unknown = [i for i in ids if i != NEW_ID and i not in known_ids]
+        if unknown:
+            raise UserError(f"{where} has id {unknown[0]!r}, which is neither a train id nor {NEW_ID}")
+
+
+def _sample_images(cfg: Config) -> list[str]:
+    path = resolve_data_dir(cfg) / "sample_submission.csv"
+    df = pd.read_csv(require(path, "the data download (or 00_prepare_data.py for the demo set)"),
+                     dtype=str, keep_default_na=False)
+    if "image" not in df.columns:
+        raise UserError(f"{path} has no column 'image' (columns: {list(df.columns)})")
+    return df["image"].tolist()
+
+
+def _blend(cfg: Config, emb: Embeddings, r: Ranking) -> tuple[np.ndarray, np.ndarray, str]:
+    """The test ranking after the optional ArcFace-logit blend, and a note on what happened."""
+    w = cfg.knn.logit_weight
+    if w <= 0:
+        return r.labels, r.scores, "off (knn.logit_weight = 0)"
+    if emb.logits is None:
+        print("note: knn.logit_weight > 0 but 03_embed wrote no test_logits.npz "
+              "(set embed.logits_topk > 0); ranking by kNN only")
+        return r.labels, r.scores, "skipped: no test_logits.npz"
+    pos = pd.Series(np.arange(len(emb.logits["images"])), index=emb.logits["images"])
+    missing = ~np.isin(r.images, pos.index)
+    if missing.any():
+        raise UserError(f"test_logits.npz lacks test image {r.images[missing][0]!r}: rerun {EMBED_MADE_BY}")
+    rows = pos.loc[r.images].to_numpy()
+    labels, scores = knn.blend_logits(r.labels, r.scores, emb.logits["labels"][rows],
+                                      emb.logits["scores"][rows].astype(np.float32), w, top=5)
+    return labels, scores, f"on: weight {w} over {emb.logits['labels'].shape[1]} class cosines"
+
+
+@dataclass
+class SubmissionResult:
+    """The submission table and what it was made of."""
+
+    submission: pd.DataFrame
+    codes: np.ndarray  # (n_sample, 5) label codes in sample order; fallback rows included
+    ranked: np.ndarray  # (n_sample,) bool: the image had embeddings (False = fallback row)
+    top1: np.ndarray  # (n_sample,) best non-new score (nan for fallback rows)
+
+
+def build_submission(
+    sample_images: list[str], ranked_images: np.ndarray, pred_codes: np.ndarray, top1: np.ndarray,
+    id_names: list[str], frequent: np.ndarray,
+) -> SubmissionResult:
+    """Submission rows in sample order; images without embeddings get new_individual followed by
+    the most frequent train ids (documented fallback)."""
+    pos = pd.Series(np.arange(len(ranked_images)), index=ranked_images, dtype=np.int64)
+    found = np.isin(np.asarray(sample_images, dtype=object), ranked_images)
+    fallback = np.concatenate([[knn.NEW_LABEL], frequent[:FALLBACK_IDS]])
+    codes = np.tile(fallback, (len(sample_images), 1)).astype(np.int64)
+    rows = pos.loc[np.asarray(sample_images, dtype=object)[found]].to_numpy()
+    codes[found] = knn.fill_missing(pred_codes[rows], frequent)
+    scores = np.full(len(sample_images), np.nan)
+    scores[found] = top1[rows]
+    preds = [" ".join(ids) for ids in to_ids(codes, id_names)]
+    return SubmissionResult(pd.DataFrame({"image": sample_images, "predictions": preds}), codes, found, scores)
+
+
+def pseudo_labels(images: list[str], codes: np.ndarray, scores: np.ndarray, id_names: list[str],
+                  min_conf: float) -> pd.DataFrame:
+    """Test images whose best (non-new) individual scores at least `min_conf`."""
+    keep = np.isfinite(scores) & (scores >= min_conf) & (codes >= 0)
+    return pd.DataFrame({
+        "image": np.asarray(images, dtype=object)[keep],
+        "individual_id": np.asarray(id_names, dtype=object)[codes[keep]] if keep.any() else [],
+        "confidence": np.round(scores[keep], 6),
+    })
+
+
+def read_answers(cfg: Config) -> pd.Series | None:
+    """Test answers (image -> individual_id, with new_individual) for scoring, when a file exists."""
+    path = answers_file(cfg)
+    if path is None:
+        return None
+    truth = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for col in ("image", "individual_id"):
+        if col not in truth.columns:
+            raise UserError(f"answers file {path} has no column {col!r} (columns: {list(truth.columns)})")
+    return truth.drop_duplicates("image").set_index("image")["individual_id"].rename(str(path))
+
+
+def score_test(submission: pd.DataFrame, answers: pd.Series | None) -> dict | None:
+    """MAP@5 report of the submission rows that have an answer (None without answers)."""
+    if answers is None:
+        return None
+    known = submission[submission["image"].isin(answers.index)]
+    if known.empty:
+        print(f"note: answers file {answers.name} shares no image with the submission; no test score")
+        return None
+    truth = answers.loc[known["image"]].tolist()
+    return map5_report([p.split() for p in known["predictions"]], truth) | {"answers": answers.name}
+
+
+# ---------------------------------------------------------------------------------------------
+# Visual report
+# ---------------------------------------------------------------------------------------------
+
+def _crop_paths(cfg: Config, catalogue: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(split, image) -> the crop to show: stage 01's crop of the first crop source, else the photo."""
+    paths = {(s, i): p for s, i, p in zip(catalogue["split"], catalogue["image"], catalogue["path"])}
+    crops_csv = Path(cfg.paths.outputs) / STAGE_DIRS["crop"] / "crops.csv"
+    if crops_csv.exists():
+        crops = pd.read_csv(crops_csv, dtype=str, keep_default_na=False)
+        if {"split", "image", "source", "crop_path"} <= set(crops.columns):
+            order = {name: i for i, name in enumerate(cfg.crop.sources)}
+            crops = crops.assign(rank=crops["source"].map(order).fillna(len(order))).sort_values("rank")
+            crops = crops.drop_duplicates(["split", "image"])
+            paths.update({(s, i): p for s, i, p in zip(crops["split"], crops["image"], crops["crop_path"])})
+    return paths
+
+
+def _candidate_tiles(
+    r: Ranking, q: int, codes: np.ndarray, labels: np.ndarray, scores: np.ndarray, threshold: float,
+    train_images: np.ndarray, train_labels: np.ndarray, crop_of: dict, id_names: list[str], truth: str | None,
+) -> list[Tile]:
+    """Tiles of query `q`: per predicted code its best-matching gallery crop and score."""
+    nbr_labels = train_labels[r.gallery_rows[np.clip(r.nbr_index[q], 0, None)]]
+    tiles = []
+    for code in codes:
+        name = NEW_ID if code == knn.NEW_LABEL else id_names[code]
+        correct = None if truth is None else name == truth
+        if code == knn.NEW_LABEL:
+            tiles.append(Tile(NEW_ID, threshold, None, correct))
+            continue
+        hits = np.flatnonzero((nbr_labels == code) & (r.nbr_index[q] >= 0))
+        row = r.gallery_rows[r.nbr_index[q][hits[0]]] if len(hits) else np.flatnonzero(train_labels == code)[0]
+        score = scores[q][labels[q] == code]
+        tiles.append(Tile(name, float(score[0]) if len(score) else None,
+                          crop_of.get(("train", train_images[row])), correct))
+    return tiles
+
+
+def report_rows(
+    cfg: Config, source: str, r: Ranking, pred: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+    threshold: float, truth: list[str | None], rows: pd.DataFrame, crop_of: dict, id_names: list[str],
+) -> list[QueryRow]:
+    """QueryRows for a seeded random sample of `knn.report_queries` queries of one ranking."""
+    rng = np.random.default_rng(cfg.seed)
+    n = min(cfg.knn.report_queries, len(r.images))
+    chosen = np.sort(rng.choice(len(r.images), size=n, replace=False)) if n else []
+    split = "test" if source == "test" else "train"
+    train_images, train_labels = rows["image"].to_numpy(), rows["label"].to_numpy()
+    return [
+        QueryRow(str(r.images[q]), crop_of.get((split, r.images[q])), truth[q],
+                 _candidate_tiles(r, q, pred[q], labels, scores, threshold, train_images, train_labels,
+                                  crop_of, id_names, truth[q]))
+        for q in chosen
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def _check_knn_config(cfg: Config) -> None:
+    k = cfg.knn
+    if k.k < 1:
+        raise UserError(f"knn.k must be at least 1, got {k.k}")
+    if k.backend not in knn.BACKENDS:
+        raise UserError(f"unknown knn.backend {k.backend!r}; valid: {list(knn.BACKENDS)}")
+    if k.index not in ("flat", "ivf"):
+        raise UserError(f"unknown knn.index {k.index!r}; valid: ['flat', 'ivf']")
+    if k.new_mode not in NEW_MODES:
+        raise UserError(f"unknown knn.new_mode {k.new_mode!r}; valid: {list(NEW_MODES)}")
+    if not 0.0 <= k.new_share <= 1.0:
+        raise UserError(f"knn.new_share must be within [0, 1], got {k.new_share}")
+    if not 0.0 <= k.logit_weight <= 1.0:
+        raise UserError(f"knn.logit_weight must be within [0, 1], got {k.logit_weight}")
+
+
+def _print_table(metrics: dict) -> None:
+    print(f"{'split':<12}{'MAP@5':>8}{'known':>8}{'new':>8}{'acc@1':>8}{'n':>8}")
+    for name in ("validation", "test"):
+        m = metrics.get(name)
+        if m:
+            print(f"{name:<12}{m['map5']:>8.4f}{m['map5_known']:>8.4f}{m['map5_new']:>8.4f}"
+                  f"{m['acc1']:>8.4f}{m['n']:>8d}")
+    t = metrics["threshold"]
+    print(f"new_individual threshold {t['value']:.4f} ({t['how']})")
+
+
+def _validation_metrics(val: dict, threshold: Threshold, id_names: list[str], fold: int) -> dict:
+    """MAP@5 of the fold at the threshold in use, and the best threshold for comparison."""
+    pred = knn.insert_new(val["labels"], val["scores"], threshold.for_queries(val["species"]))
+    truth_ids = [NEW_ID if t == knn.NEW_LABEL else id_names[t] for t in val["truth"]]
+    best_t, best_map = knn.calibrate_threshold(val["labels"], val["scores"], val["truth"])
+    val["pred"], val["truth_ids"] = pred, truth_ids
+    return map5_report(to_ids(pred, id_names), truth_ids) | {
+        "fold": fold, "best_threshold": best_t, "best_map5": best_map}
+
+
+def _write_visual_report(
+    cfg: Config, out: Path, catalogue: pd.DataFrame, rows: pd.DataFrame, val: dict | None,
+    test: tuple[Ranking, np.ndarray, np.ndarray, np.ndarray], threshold: Threshold,
+    answers: pd.Series | None, id_names: list[str],
+) -> dict:
+    """Show test queries, marked when answers exist; else validation queries (always marked)."""
+    crop_of = _crop_paths(cfg, catalogue)
+    r, pred, labels, scores = test
+    if answers is None and val is not None:
+        source = "validation"
+        r, pred, labels, scores = val["ranking"], val["pred"], val["labels"], val["scores"]
+        truth = list(val["truth_ids"])
+    else:
+        source = "test"
+        truth = [answers.get(i) if answers is not None else None for i in r.images]
+    qrows = report_rows(cfg, source, r, pred, labels, scores, threshold.value, truth, rows, crop_of, id_names)
+    notes = [f"{len(qrows)} {source} queries (seeded sample); new_individual threshold {threshold.value:.4f} "
+             f"({threshold.how}); the new_individual tile shows the threshold as its score."]
+    paths = write_report(qrows, out, f"whaleid stage 04: {source} queries", notes)
+    return {"queries_from": source, "queries": len(qrows)} | paths
+
+
+def _counts(sample: list[str], result: SubmissionResult, test_rank: Ranking, n_pseudo: int, gallery_rows: int) -> dict:
+    fallback = [img for img, ok in zip(sample, result.ranked) if not ok]
+    if fallback:
+        print(f"note: {len(fallback)} test image(s) have no embedding (excluded upstream); their rows are "
+              f"new_individual + the {FALLBACK_IDS} most frequent train ids, e.g. {fallback[0]}")
+    return {
+        "test_rows": len(sample),
+        "fallback_rows": len(fallback),
+        "fallback_images": fallback[:10],
+        "embedded_test_images_not_in_sample": int((~np.isin(test_rank.images, sample)).sum()),
+        "new_first_share": float((result.codes[:, 0] == knn.NEW_LABEL).mean()) if sample else 0.0,
+        "pseudo_labels": n_pseudo,
+        "gallery_rows": gallery_rows,
+    }
+
+
+def run(cfg: Config) -> Path:
+    """Stage 04: validate on the fold, rank the test images, write submission.csv and the rest.
+
+    Returns the path of submission.csv (written last).
+    """
+    start = time.time()
+    _check_knn_config(cfg)
+    embed_dir = Path(cfg.paths.outputs) / STAGE_DIRS["embed"]
+    emb = load_embeddings(embed_dir)
+    catalogue = load_catalogue(cfg)
+    encoders = load_encoders(cfg)
+    id_names = encoders["individual_id"]
+    rows = _train_lookup(catalogue, emb.train_index["image"], "train_index.csv")
+    train_labels = rows["label"].to_numpy()
+    train_cat = catalogue[catalogue["split"] == "train"]
+    label_species = _species_of_labels(train_cat, len(id_names))
+    frequent = train_cat["label"].value_counts(sort=True).index.to_numpy()
+
+    val = validation_ranking(cfg, emb, rows, label_species)
+    top = BLEND_CANDIDATES if cfg.knn.logit_weight > 0 else 5
+    test_rank = rank(emb.train, train_labels, np.arange(len(emb.train)), emb.test,
+                     emb.test_index["image"].to_numpy(), cfg, top)
+    labels, scores, blend_note = _blend(cfg, emb, test_rank)
+    threshold = choose_threshold(cfg, val, scores[:, 0], emb.report)
+
+    metrics: dict = {"threshold": {"value": threshold.value, "how": threshold.how, "mode": cfg.knn.new_mode}}
+    if threshold.per_species:
+        metrics["threshold"]["per_species"] = {
+            encoders["species"][s] if s >= 0 else "unknown": t for s, t in threshold.per_species.items()}
+    if val is not None:
+        metrics["validation"] = _validation_metrics(val, threshold, id_names, cfg.prepare.fold)
+
+    pred = knn.insert_new(labels, scores, threshold.for_queries(_predicted_species(labels, label_species)))
+    sample = _sample_images(cfg)
+    result = build_submission(sample, test_rank.images, pred, scores[:, 0], id_names, frequent)
+    validate_submission(result.submission, sample, set(id_names))
+    answers = read_answers(cfg)
+    test_metrics = score_test(result.submission, answers)
+    if test_metrics:
+        metrics["test"] = test_metrics
+
+    out = stage_dir(cfg, "submit")
+    write_resolved_config(cfg, out)
+    pseudo = pseudo_labels(sample, _top1_codes(test_rank.images, labels, sample), result.top1, id_names,
+                           cfg.knn.pseudo_conf)
+    write_csv(out / "pseudo_labels.csv", pseudo)
+    metrics["counts"] = _counts(sample, result, test_rank, len(pseudo), len(emb.train))
+    metrics["logit_blend"] = blend_note
+    metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val, (test_rank, pred, labels, scores),
+                                             threshold, answers, id_names)
+    metrics["fingerprints"] = {
+        "inputs": fingerprint_files(sorted(embed_dir.glob("*_emb.npy")) + sorted(embed_dir.glob("*_index.csv"))),
+        "config": fingerprint_config({"knn": cfg.knn.to_dict(), "fold": cfg.prepare.fold}),
+    }
+    metrics["seconds"] = round(time.time() - start, 2)
+    write_json(out / "metrics.json", metrics)
+    path = Path(cfg.paths.outputs) / "submission.csv"
+    write_csv(path, result.submission)
+    _print_table(metrics)
+    print(f"wrote {path} ({len(result.submission)} rows) and {out}")
+    return path
+
+
+def _top1_codes(ranked_images: np.ndarray, labels: np.ndarray, sample: list[str]) -> np.ndarray:
+    """Best non-new individual code per sample image (-1 for images without embeddings)."""
+    pos = pd.Series(np.arange(len(ranked_images)), index=ranked_images, dtype=np.int64)
+    names = np.asarray(sample, dtype=object)
+    found = np.isin(names, ranked_images)
+    out = np.full(len(sample), -1, dtype=np.int64)
+    out[found] = labels[pos.loc[names[found]].to_numpy(), 0]
+    return out
