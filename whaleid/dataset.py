@@ -7,7 +7,7 @@ to 0 removes that transform.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import albumentations as A
 import cv2
@@ -17,6 +17,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 
 from whaleid.config import Config
+from whaleid.errors import UserError
 from whaleid.images import read_image
 
 
@@ -47,7 +48,7 @@ class CropDataset(Dataset):
         path = self.paths[index]
         image, reason = read_image(path)
         if image is None:
-            raise RuntimeError(f"cannot read crop {path}: {reason}; rerun 01_detect_crop.py")
+            raise UserError(f"cannot read crop {path}: {reason}; rerun 01_detect_crop.py")
         if self.transform is not None:
             tensor = self.transform(image=image)["image"]
         else:

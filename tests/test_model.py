@@ -1,0 +1,106 @@
+"""Embedding model shapes, GeM, flip TTA, and the checkpoint round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from whaleid.config import load_config
+from whaleid.dataset import CropDataset, eval_transform, train_transform
+from whaleid.errors import UserError
+from whaleid.inference import embed_dataset
+from whaleid.io import torch_save
+from whaleid.losses import build_heads
+from whaleid.model import GeM, build_model, load_checkpoint
+
+SETS = ["model.pretrained=none", "model.embedding_size=24", "model.concat_stage=3"]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(sets=SETS)
+
+
+def test_gem_known_answers() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 2, 2)
+    torch.testing.assert_close(GeM(p=1.0)(x), torch.tensor([[2.5]]))
+    expected = ((1 + 8 + 27 + 64) / 4) ** (1 / 3)
+    torch.testing.assert_close(GeM(p=3.0)(x), torch.tensor([[expected]]))
+    assert not GeM(3.0, trainable=False).p.requires_grad
+
+
+def test_shapes_with_concat_stage(cfg) -> None:
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert model(x).shape == (2, 24)
+    channels = model.backbone.feature_info.channels()
+    assert model.pooled(x).shape == (2, channels[-1] + channels[3])
+    with pytest.raises(UserError, match="concat_stage"):
+        build_model(load_config(sets=["model.pretrained=none", "model.concat_stage=4"]))
+
+
+def test_checkpoint_round_trip(tmp_path: Path, cfg) -> None:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    heads = build_heads(cfg, 5, 2, [1, 2, 3, 4, 0], [5, 5])
+    with torch.no_grad():  # move BatchNorm statistics away from their defaults
+        model.train()(torch.randn(4, 3, 64, 64))
+    model.eval()
+    ckpt = {
+        "model_state": model.state_dict(), "head_state": heads.state_dict(), "config": cfg.to_dict(),
+        "label_encoders": {"individual_id": list("abcde"), "species": ["x", "y"]},
+        "class_counts": [1, 2, 3, 4, 0], "epoch": 3, "optimizer_state": {}, "scheduler_state": {},
+        "best_metric": 0.5, "threshold": 0.4, "fold": 0,
+    }
+    path = tmp_path / "best.pt"
+    torch_save(path, ckpt)
+    # Today's config differs: the checkpoint's own config must rebuild the model.
+    loaded, loaded_heads, meta = load_checkpoint(path)
+    assert meta["epoch"] == 3
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        torch.testing.assert_close(loaded_heads.individual.cosine(loaded(x)), heads.individual.cosine(model(x)))
+    torch.testing.assert_close(loaded_heads.individual.margins, heads.individual.margins)
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated.pt"):
+        load_checkpoint(truncated)
+    ckpt["config"]["model"]["embedding_size"] = 32
+    torch_save(tmp_path / "misfit.pt", ckpt)
+    with pytest.raises(UserError, match="misfit.pt"):
+        load_checkpoint(tmp_path / "misfit.pt")
+
+
+def test_dataset_and_flip_tta(tmp_path: Path, cfg) -> None:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.jpg"
+        cv2.imwrite(str(p), rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+        paths.append(str(p))
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    ds = CropDataset(paths, labels=np.array([2, 0, 1]), transform=train_transform(32, cfg.train.aug, mean, std))
+    image, label, species, index = ds[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert (label, species, index) == (2, -1, 0)
+
+    model = build_model(cfg)
+    eval_ds = CropDataset(paths, transform=eval_transform(32, mean, std))
+    cpu = torch.device("cpu")
+    sep = embed_dataset(model, eval_ds, 2, 0, cpu, flip="separate")
+    avg = embed_dataset(model, eval_ds, 2, 0, cpu, flip="average")
+    assert sep.shape == (3, 2, 24) and avg.shape == (3, 24) and avg.dtype == np.float32
+    mean_emb = sep.sum(axis=1)
+    np.testing.assert_allclose(avg, mean_emb / np.linalg.norm(mean_emb, axis=1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(avg, axis=1), 1.0, atol=1e-5)
+    raw = embed_dataset(model, eval_ds, 2, 0, cpu, raw=True)
+    assert raw.shape == (3, model.pooled_size)
+
+    with pytest.raises(UserError, match="missing.jpg"):
+        CropDataset([str(tmp_path / "missing.jpg")])[0]

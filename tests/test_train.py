@@ -1,0 +1,158 @@
+"""Stage 02 end to end on a tiny generated catalogue: artifacts, resume, NaN stop, DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from whaleid.config import load_config
+from whaleid.errors import UserError
+from whaleid.model import load_checkpoint
+from whaleid.train import METRIC_COLUMNS, run
+
+ROOT = Path(__file__).resolve().parent.parent
+N_IDS, PER_ID, NEW_IDS = 6, 4, 1
+
+
+def _image(label: int, rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """A label-dependent pattern: stripes at a label-specific angle and colour, plus noise."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    angle = np.pi * label / N_IDS
+    stripes = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / 3.0) > 0).astype(np.float32)
+    colour = np.array([(label * 53) % 255, (label * 97) % 255, (label * 151) % 255], dtype=np.float32)
+    img = stripes[..., None] * colour + (1 - stripes[..., None]) * (255 - colour)
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_tiny_outputs(root: Path) -> Path:
+    """catalogue.csv, label_encoders.json and crops.csv (+ crop JPEGs) of stages 00/01 under root."""
+    rng = np.random.default_rng(0)
+    crop_dir = root / "01_crops" / "fullbody" / "train"
+    crop_dir.mkdir(parents=True)
+    (root / "00_prepare").mkdir(parents=True)
+    ids = [f"id_{i}" for i in range(N_IDS + NEW_IDS)]
+    rows = []
+    for label, name in enumerate(ids):
+        for j in range(PER_ID):
+            image = f"{name}_{j}.jpg"
+            path = crop_dir / image
+            cv2.imwrite(str(path), cv2.cvtColor(_image(label, rng), cv2.COLOR_RGB2BGR))
+            new = label >= N_IDS
+            rows.append({
+                "image": image, "split": "train", "path": str(path), "width": 40, "height": 40,
+                "species": "sp_a" if label % 2 else "sp_b", "individual_id": name, "label": label,
+                "species_label": 1 - label % 2, "fold": 0 if new or j == 0 else -1, "fold_new": new,
+            })
+    cat = pd.DataFrame(rows)
+    cat.to_csv(root / "00_prepare" / "catalogue.csv", index=False)
+    (root / "00_prepare" / "label_encoders.json").write_text(json.dumps({"individual_id": ids, "species": ["sp_a", "sp_b"]}))
+    crops = pd.DataFrame({
+        "image": cat["image"], "split": "train", "source": "fullbody", "crop_path": cat["path"],
+        "x_min": 0.0, "y_min": 0.0, "x_max": 40.0, "y_max": 40.0, "conf": 1.0, "method": "full", "flag": "",
+    })
+    crops.to_csv(root / "01_crops" / "crops.csv", index=False)
+    return root
+
+
+TINY_SETS = [
+    "model.pretrained=none", "model.embedding_size=32", "train.image_size=32", "train.batch_size=8",
+    "train.workers=0", "train.epochs=1", "train.warmup_epochs=0", "knn.backend=torch", "loss.k=2",
+]
+
+
+def tiny_cfg(out: Path, *extra: str):
+    return load_config(sets=[f"paths.outputs={out}", *TINY_SETS, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 1-epoch run (with a pseudo-labelled test image) shared by the tests below."""
+    root = tmp_path_factory.mktemp("trained")
+    outputs = make_tiny_outputs(root / "outputs")
+    crops = pd.read_csv(outputs / "01_crops" / "crops.csv")
+    test_crop = crops.iloc[[1]].assign(image="t0.jpg", split="test")
+    pd.concat([crops, test_crop]).to_csv(outputs / "01_crops" / "crops.csv", index=False)
+    pseudo = root / "pseudo.csv"
+    pd.DataFrame({"image": ["t0.jpg", "t0.jpg", "t1.jpg"], "individual_id": ["id_0", "id_0", "nobody"],
+                  "confidence": [0.9, 0.9, 0.95]}).to_csv(pseudo, index=False)
+    run(tiny_cfg(outputs, f"train.pseudo_labels={pseudo}"))
+    return outputs
+
+
+def _copy(trained: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "outputs"))
+
+
+def test_run_writes_contract_artifacts(trained: Path) -> None:
+    folder = trained / "02_train"
+    for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "config.resolved.yaml", "report.json"):
+        assert (folder / name).exists(), name
+    metrics = pd.read_csv(folder / "metrics.csv")
+    assert tuple(metrics.columns) == METRIC_COLUMNS
+    assert metrics["epoch"].tolist() == [1]
+    assert 0.0 <= metrics["map5"].iloc[0] <= 1.0
+    model, heads, ckpt = load_checkpoint(folder / "best.pt")
+    assert ckpt["fold"] == 0 and ckpt["epoch"] == 1
+    assert len(ckpt["class_counts"]) == N_IDS + NEW_IDS
+    assert ckpt["class_counts"][N_IDS] == 0, "the validation-only individual has no training image"
+    assert ckpt["class_counts"][0] == PER_ID - 1 + 1, "3 training images + 1 pseudo-labelled one"
+    assert heads.individual.n_classes == N_IDS + NEW_IDS
+
+
+def test_pseudo_labels_join_training(trained: Path) -> None:
+    report = json.loads((trained / "02_train" / "report.json").read_text())
+    assert report["pseudo_labels"]["used"] == 1
+    assert report["pseudo_labels"]["unknown_ids"] == 1
+    assert report["train_samples"] == N_IDS * (PER_ID - 1) + 1
+    assert report["val_queries"] == N_IDS + PER_ID * NEW_IDS and report["val_new"] == PER_ID * NEW_IDS
+
+
+def test_resume_continues_epoch_count(trained: Path, tmp_path: Path) -> None:
+    outputs = _copy(trained, tmp_path)
+    assert json.loads((outputs / "02_train" / "report.json").read_text())["resumed_from_epoch"] == 0
+    folder = run(tiny_cfg(outputs, "train.epochs=2", f"train.pseudo_labels={trained.parent / 'pseudo.csv'}"), resume=True)
+    metrics = pd.read_csv(folder / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2]
+    _, _, ckpt = load_checkpoint(folder / "last.pt")
+    assert ckpt["epoch"] == 2
+    assert json.loads((folder / "report.json").read_text())["resumed_from_epoch"] == 1
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(trained: Path, tmp_path: Path) -> None:
+    outputs = _copy(trained, tmp_path)
+    before = (outputs / "02_train" / "last.pt").read_bytes()
+    with pytest.raises(UserError, match="NaN"):
+        run(tiny_cfg(outputs, "train.epochs=2", "loss.s=.nan"), resume=True)
+    assert (outputs / "02_train" / "last.pt").read_bytes() == before
+
+
+def test_missing_inputs_name_the_stage(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="00_prepare_data.py"):
+        run(tiny_cfg(tmp_path / "nothing"))
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
+    outputs = make_tiny_outputs(tmp_path / "outputs")
+    sets = [f"paths.outputs={outputs}", *TINY_SETS, "device=cpu", "train.batch_size=4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(ROOT / "02_train_arcface.py")]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = pd.read_csv(outputs / "02_train" / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1]
+    report = json.loads((outputs / "02_train" / "report.json").read_text())
+    assert report["world_size"] == 2

@@ -1,0 +1,89 @@
+"""Batched embedding of a dataset: device choice, bf16 autocast on CUDA, flip TTA.
+
+Used by stage 02 (validation), stage 03 (train/test embeddings) and the untrained-features floor.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from whaleid.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+FLIPS = ("none", "average", "separate")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available; asking for `cuda` without one is a UserError."""
+    if name not in DEVICES:
+        raise UserError(f"unknown device {name!r}; valid: {list(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _embed_batch(model: nn.Module, x: torch.Tensor, raw: bool) -> torch.Tensor:
+    return model.pooled(x) if raw else model(x)
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    amp: bool = True,
+    flip: str = "none",
+    raw: bool = False,
+    desc: str = "embed",
+) -> np.ndarray:
+    """L2-normalised float32 embeddings in dataset order: (N, D), or (N, 2, D) for flip="separate".
+
+    flip: "none"; "average" = mean of the original and horizontally flipped embeddings (then
+    renormalised), the 1st-place TTA; "separate" keeps both. raw=True embeds `model.pooled`
+    (backbone features without the neck). The model is left in eval mode.
+    """
+    if flip not in FLIPS:
+        raise UserError(f"unknown flip mode {flip!r}; valid: {list(FLIPS)}")
+    cuda = device.type == "cuda"
+    model.eval().to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=cuda, persistent_workers=False,
+    )
+    out: list[torch.Tensor] = []
+    start, seen = time.perf_counter(), 0
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    for images, *_ in bar:
+        x = images.to(device, non_blocking=True)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and cuda):
+            views = [_embed_batch(model, x, raw)]
+            if flip != "none":
+                views.append(_embed_batch(model, torch.flip(x, dims=[3]), raw))
+        views = [F.normalize(v.float(), dim=1) for v in views]
+        if flip == "average":
+            batch = F.normalize(views[0] + views[1], dim=1)
+        elif flip == "separate":
+            batch = torch.stack(views, dim=1)
+        else:
+            batch = views[0]
+        out.append(batch.cpu())
+        seen += len(x)
+        bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.0f}")
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32, copy=False)

@@ -1,0 +1,122 @@
+"""The embedding network: timm backbone -> GeM pooling -> Linear + BatchNorm neck.
+
+As in the Happywhale 1st-place solution: GeM pooling of the last feature map, optionally
+concatenated with GeM of an earlier stage (`model.concat_stage`) for finer detail, then a
+Linear -> BatchNorm1d neck whose output is the embedding used for kNN.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from whaleid.backbone import create_backbone
+from whaleid.config import Config, config_from_dict
+from whaleid.errors import UserError
+
+CHECKPOINT_KEYS = (
+    "model_state", "head_state", "config", "label_encoders", "class_counts", "epoch",
+    "optimizer_state", "scheduler_state", "best_metric", "threshold", "fold",
+)
+
+
+class GeM(nn.Module):
+    """Generalised mean pooling (Radenovic et al. 2018): p=1 is average, p->inf is max pooling."""
+
+    def __init__(self, p: float = 3.0, trainable: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        p_tensor = torch.tensor([float(p)])
+        self.p = nn.Parameter(p_tensor) if trainable else nn.Parameter(p_tensor, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32: x^p in bf16 loses the small activations that GeM is meant to weigh.
+        p = self.p.float()
+        return x.float().clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone feature maps -> GeM (last stage, plus `concat_stage` if set) -> neck."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embedding_size: int,
+        gem_p: float = 3.0,
+        gem_trainable: bool = True,
+        concat_stage: int = -1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        channels = backbone.feature_info.channels()
+        if concat_stage != -1 and not 0 <= concat_stage < len(channels) - 1:
+            raise UserError(
+                f"model.concat_stage must be -1 or an earlier stage 0..{len(channels) - 2}, got {concat_stage}"
+            )
+        self.backbone = backbone
+        self.stages = [len(channels) - 1] + ([concat_stage] if concat_stage != -1 else [])
+        self.pools = nn.ModuleList(GeM(gem_p, gem_trainable) for _ in self.stages)
+        self.pooled_size = sum(channels[i] for i in self.stages)
+        self.neck = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(self.pooled_size, embedding_size),
+            nn.BatchNorm1d(embedding_size),
+        )
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F) GeM-pooled backbone features without the neck (the untrained-features floor)."""
+        maps = self.backbone(x)
+        return torch.cat([pool(maps[i]) for pool, i in zip(self.pools, self.stages)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) embeddings, not normalised (the heads and kNN normalise)."""
+        return self.neck(self.pooled(x))
+
+
+def build_model(cfg: Config, pretrained: bool = True) -> EmbeddingModel:
+    """The model of `cfg.model`; `pretrained=False` skips the ImageNet weights (e.g. before
+    loading a checkpoint, which needs neither the download nor the package)."""
+    m = cfg.model
+    backbone = create_backbone(m.backbone, m.pretrained if pretrained else "none", features_only=True)
+    return EmbeddingModel(backbone, m.embedding_size, m.gem_p, m.gem_trainable, m.concat_stage, m.dropout)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint dict of `path`, with a UserError naming the file if unreadable or incomplete."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found: run 02_train_arcface.py first")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err})") from err
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks keys {missing}; it was not written by stage 02")
+    return ckpt
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[EmbeddingModel, nn.Module, dict]:
+    """Rebuild the model and the ArcFace heads from a stage-02 checkpoint's own config.
+
+    Returns (model, heads, checkpoint dict); both modules are on the CPU in eval mode.
+    """
+    from whaleid.losses import build_heads
+
+    ckpt = read_checkpoint(path, map_location)
+    cfg = config_from_dict(ckpt["config"])
+    enc = ckpt["label_encoders"]
+    model = build_model(cfg, pretrained=False)
+    heads = build_heads(cfg, len(enc["individual_id"]), len(enc["species"]), ckpt["class_counts"])
+    try:
+        model.load_state_dict(ckpt["model_state"])
+        heads.load_state_dict(ckpt["head_state"])
+    except RuntimeError as err:
+        raise UserError(f"checkpoint {path} does not fit the model its config describes: {err}") from err
+    return model.eval(), heads.eval(), ckpt

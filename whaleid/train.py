@@ -1,0 +1,604 @@
+"""Stage 02: train the ArcFace embedding model on the crops, on the CPU, one GPU or torchrun DDP.
+
+Recipe of the Happywhale 1st-place solution, scaled to the config: every crop source's crop is a
+training sample, sub-centre ArcFace with dynamic margins plus a species head, AdamW with the
+heads learning `lr_head_mult` times faster, linear warmup then cosine decay per optimiser step.
+Each `val_every` epochs the fold's validation crops are ranked against the train part by kNN
+(`knn.evaluate_fold`), which calibrates the new_individual threshold and gives MAP@5.
+
+Under `torchrun --nproc_per_node=N` each process trains on its DistributedSampler shard; the
+validation embeddings are sharded and gathered, metrics are computed on rank 0 and broadcast,
+and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from whaleid import knn
+from whaleid.backbone import normalisation
+from whaleid.config import Config
+from whaleid.dataset import CropDataset, eval_transform, train_transform
+from whaleid.errors import UserError
+from whaleid.inference import embed_dataset, resolve_device
+from whaleid.io import (
+    fingerprint_config,
+    fingerprint_files,
+    read_json,
+    require,
+    stage_dir,
+    torch_save,
+    write_csv,
+    write_json,
+    write_resolved_config,
+)
+from whaleid.losses import build_heads
+from whaleid.model import EmbeddingModel, build_model, read_checkpoint
+
+CATALOGUE_COLUMNS = ("image", "split", "species", "individual_id", "label", "species_label", "fold", "fold_new")
+CROPS_COLUMNS = ("image", "split", "source", "crop_path")
+PSEUDO_COLUMNS = ("image", "individual_id", "confidence")
+METRIC_COLUMNS = (
+    "epoch", "train_loss", "lr", "map5", "map5_known", "map5_new", "threshold", "images_per_s", "seconds",
+)
+
+NO_VALIDATION = {"map5": math.nan, "map5_known": math.nan, "map5_new": math.nan, "threshold": math.nan}
+
+
+def check_train_config(cfg: Config) -> None:
+    """Counts that must be positive, checked before any work."""
+    for key in ("epochs", "batch_size", "accum_steps", "val_every", "image_size"):
+        if cfg.train[key] < 1:
+            raise UserError(f"train.{key} must be >= 1, got {cfg.train[key]}")
+    if cfg.train.warmup_epochs < 0:
+        raise UserError(f"train.warmup_epochs must be >= 0, got {cfg.train.warmup_epochs}")
+
+
+# ---------------------------------------------------------------- distributed setup
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank, world size and device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on the CPU)."""
+    device = resolve_device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Runtime(0, 1, device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(rank, world, device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so CPU runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each loader worker its own stream (torch's per-worker seed) for NumPy and albumentations."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    if info.dataset.transform is not None:
+        info.dataset.transform.set_random_seed(seed)
+
+
+# ---------------------------------------------------------------- inputs
+
+def _read_csv(path: Path, columns: tuple[str, ...], made_by: str) -> pd.DataFrame:
+    """A CSV with its required columns checked; missing file -> which stage to run."""
+    df = pd.read_csv(require(path, made_by), keep_default_na=False, dtype={"image": str})
+    lacking = [c for c in columns if c not in df.columns]
+    if lacking:
+        raise UserError(f"{path} lacks columns {lacking}; rerun {made_by}")
+    return df
+
+
+def _as_bool(series: pd.Series) -> np.ndarray:
+    return series.astype(str).str.lower().isin(["true", "1"]).to_numpy()
+
+
+def read_inputs(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The catalogue, the crops list and the label encoders of stages 00 and 01."""
+    out = Path(cfg.paths.outputs)
+    catalogue = _read_csv(out / "00_prepare" / "catalogue.csv", CATALOGUE_COLUMNS, "00_prepare_data.py")
+    crops = _read_csv(out / "01_crops" / "crops.csv", CROPS_COLUMNS, "01_detect_crop.py")
+    encoders = read_json(require(out / "00_prepare" / "label_encoders.json", "00_prepare_data.py"))
+    catalogue["fold_new"] = _as_bool(catalogue["fold_new"])
+    unknown = sorted(set(cfg.crop.sources) - set(crops["source"]))
+    if unknown:
+        raise UserError(f"crop sources {unknown} of crop.sources are not in crops.csv; rerun 01_detect_crop.py")
+    return catalogue, crops, encoders
+
+
+def _attach_crops(rows: pd.DataFrame, crops: pd.DataFrame, sources: list[str], split: str) -> pd.DataFrame:
+    """One row per (image, source) with its crop path; an image lacking a crop is an error."""
+    sel = crops[(crops["split"] == split) & crops["source"].isin(sources)][["image", "source", "crop_path"]]
+    merged = rows.merge(sel, on="image", how="left")
+    lacking = merged[merged["crop_path"].isna() | (merged["crop_path"] == "")]
+    if len(lacking):
+        raise UserError(
+            f"{len(lacking)} {split} images have no crop in crops.csv (first: {lacking['image'].iloc[0]}); "
+            "rerun 01_detect_crop.py"
+        )
+    return merged
+
+
+def read_pseudo_labels(cfg: Config, catalogue: pd.DataFrame, crops: pd.DataFrame, ids: list[str]) -> tuple[pd.DataFrame, dict]:
+    """Test images with a confident stage-04 id, as extra training rows (label, species_label).
+
+    Ids absent from the label encoder and images absent from the test crops are counted and skipped.
+    """
+    path = cfg.train.pseudo_labels
+    if not path:
+        empty = {"image": pd.Series(dtype=str), "label": pd.Series(dtype=int), "species_label": pd.Series(dtype=int)}
+        return pd.DataFrame(empty), {}
+    pseudo = _read_csv(Path(path), PSEUDO_COLUMNS, "04_knn_submit.py (it writes pseudo_labels.csv)")
+    code = {name: i for i, name in enumerate(ids)}
+    known = pseudo["individual_id"].isin(code)
+    test_images = set(crops.loc[crops["split"] == "test", "image"])
+    present = pseudo["image"].isin(test_images)
+    kept = pseudo[known & present].drop_duplicates("image")
+    train = catalogue[catalogue["split"] == "train"]
+    species_of = train.groupby("label")["species_label"].agg(lambda s: int(s.mode().iloc[0]))
+    labels = kept["individual_id"].map(code).astype(int)
+    rows = pd.DataFrame({
+        "image": kept["image"].to_numpy(),
+        "label": labels.to_numpy(),
+        "species_label": labels.map(species_of).fillna(-1).astype(int).to_numpy(),
+    })
+    stats = {
+        "rows": int(len(pseudo)), "used": int(len(rows)),
+        "unknown_ids": int((~known).sum()), "unknown_ids_first": pseudo.loc[~known, "individual_id"].head(5).tolist(),
+        "images_without_crop": int((known & ~present).sum()),
+    }
+    return rows, stats
+
+
+@dataclass
+class Splits:
+    """Training samples (one per crop), the validation gallery and queries, and class counts."""
+
+    train: pd.DataFrame
+    gallery: pd.DataFrame
+    queries: pd.DataFrame
+    class_counts: list[int]
+    species_counts: list[int]
+    pseudo: dict
+
+
+def make_splits(cfg: Config, catalogue: pd.DataFrame, crops: pd.DataFrame, encoders: dict) -> Splits:
+    """Train on rows outside `prepare.fold` (all with fold -1), validate on the fold's first-source crops.
+
+    Truth of a validation query is its label, or NEW_LABEL where `fold_new` (its individual has
+    no training image), which is what the competition scores as new_individual.
+    """
+    fold = cfg.prepare.fold
+    sources = list(cfg.crop.sources)
+    labelled = catalogue[catalogue["split"] == "train"]
+    in_val = (labelled["fold"] == fold) if fold != -1 else np.zeros(len(labelled), dtype=bool)
+    train_rows, val_rows = labelled[~in_val], labelled[in_val]
+    if fold != -1 and val_rows.empty:
+        raise UserError(f"prepare.fold={fold} has no validation rows in catalogue.csv; pick another fold or -1")
+    if len(train_rows) < 2:
+        raise UserError(f"only {len(train_rows)} training images outside fold {fold}; need at least 2")
+    pseudo_rows, pseudo_stats = read_pseudo_labels(cfg, catalogue, crops, encoders["individual_id"])
+    train = pd.concat([
+        _attach_crops(train_rows[["image", "label", "species_label"]], crops, sources, "train"),
+        _attach_crops(pseudo_rows, crops, sources, "test"),
+    ], ignore_index=True)
+    gallery = _attach_crops(train_rows[["image", "label", "species_label"]], crops, sources[:1], "train")
+    queries = _attach_crops(val_rows[["image", "label", "species_label", "fold_new"]], crops, sources[:1], "train")
+    queries["truth"] = np.where(queries["fold_new"].astype(bool), knn.NEW_LABEL, queries["label"])
+    images = pd.concat([train_rows[["label", "species_label"]], pseudo_rows[["label", "species_label"]]])
+    n_ids, n_species = len(encoders["individual_id"]), len(encoders["species"])
+    return Splits(
+        train=train, gallery=gallery, queries=queries,
+        class_counts=np.bincount(images["label"], minlength=n_ids).tolist(),
+        species_counts=np.bincount(images["species_label"][images["species_label"] >= 0], minlength=max(n_species, 1)).tolist(),
+        pseudo=pseudo_stats,
+    )
+
+
+# ---------------------------------------------------------------- model, optimiser, schedule
+
+class TrainNet(nn.Module):
+    """Model and heads in one module, so DDP and torch.compile see the whole training graph."""
+
+    def __init__(self, model: EmbeddingModel, heads: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        loss, _ = self.heads(self.model(x), labels, species)
+        return loss
+
+
+def make_optimizer(cfg: Config, model: nn.Module, heads: nn.Module) -> torch.optim.AdamW:
+    """AdamW; the heads start from random centres so they learn `lr_head_mult` x faster (1st place)."""
+    t = cfg.train
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.requires_grad], "lr": t.lr_backbone},
+            {"params": [p for p in heads.parameters() if p.requires_grad], "lr": t.lr_backbone * t.lr_head_mult},
+        ],
+        weight_decay=t.weight_decay,
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base lr over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_loader(cfg: Config, dataset: CropDataset, rt: Runtime) -> tuple[DataLoader, DistributedSampler | None]:
+    """Shuffled, drop-last batches (BatchNorm needs > 1 sample); a DistributedSampler under DDP."""
+    t = cfg.train
+    per_rank = len(dataset) // rt.world
+    batch = min(t.batch_size, per_rank)
+    if batch < 2:
+        raise UserError(f"{len(dataset)} training crops over {rt.world} processes is too few for a batch of 2")
+    sampler = DistributedSampler(dataset, rt.world, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True) if rt.world > 1 else None
+    cuda = rt.device.type == "cuda"
+    loader = DataLoader(
+        dataset, batch_size=batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        num_workers=t.workers, pin_memory=cuda, persistent_workers=t.workers > 0,
+        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(cfg.seed + rt.rank),
+    )
+    return loader, sampler
+
+
+# ---------------------------------------------------------------- one epoch
+
+def _all_reduce(value: torch.Tensor, rt: Runtime, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over the ranks (a no-op in a single process)."""
+    if rt.world > 1:
+        dist.all_reduce(value, op=op)
+    return value
+
+
+def train_step(
+    cfg: Config, net: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, scheduler: Any,
+    rt: Runtime, step_now: bool, where: str,
+) -> torch.Tensor:
+    """Forward and backward of one batch (loss / accum_steps), then, when `step_now`, clip, step
+    the optimiser and the schedule. Returns the batch's loss (detached).
+
+    A NaN/inf loss stops training with a UserError before the optimiser step, so the weights and
+    the last checkpoint stay as they were; under DDP every rank learns of it via an all-reduce.
+    """
+    t = cfg.train
+    cuda = rt.device.type == "cuda"
+    images, labels, species = batch[0], batch[1], batch[2]
+    x = images.to(rt.device, non_blocking=True)
+    if cuda and t.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels, species = labels.to(rt.device, non_blocking=True), species.to(rt.device, non_blocking=True)
+    # Under DDP, skip the gradient all-reduce on accumulation steps (it happens on the last one).
+    sync = nullcontext() if step_now or rt.world == 1 else net.no_sync()
+    with sync:
+        with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=cuda and t.amp):
+            loss = net(x, labels, species)
+        (loss / t.accum_steps).backward()
+    loss = loss.detach()
+    bad = _all_reduce((~torch.isfinite(loss)).float(), rt, dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        optimizer.zero_grad(set_to_none=True)
+        raise UserError(
+            f"training loss became NaN/inf at {where}; last good checkpoint kept. "
+            "Lower train.lr_backbone, raise train.warmup_epochs or check the crops"
+        )
+    if step_now:
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return loss
+
+
+def train_epoch(
+    cfg: Config, net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+    scheduler: Any, rt: Runtime, epoch: int,
+) -> tuple[float, float]:
+    """One pass over the loader: (mean loss over all ranks, images/s over all ranks)."""
+    net.train()
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", disable=not rt.main, dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(bar):
+        step_now = (i + 1) % cfg.train.accum_steps == 0 or i + 1 == len(loader)
+        loss = train_step(cfg, net, batch, optimizer, scheduler, rt, step_now, f"epoch {epoch}, batch {i + 1}")
+        n = len(batch[0])
+        total += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=rt.device)])
+        seen = total[1].item() * rt.world
+        bar.set_postfix(loss=f"{total[0].item() / total[1].item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    total = _all_reduce(total, rt)
+    elapsed = time.perf_counter() - start
+    return float(total[0] / total[1]), float(total[1]) / elapsed
+
+
+# ---------------------------------------------------------------- validation
+
+def _embed_sharded(cfg: Config, model: EmbeddingModel, dataset: CropDataset, rt: Runtime, desc: str) -> np.ndarray:
+    """Flip-averaged embeddings of `dataset`, each rank embedding a strided shard, gathered in order."""
+    idx = np.arange(rt.rank, len(dataset), rt.world)
+    part = embed_dataset(
+        model, Subset(dataset, idx.tolist()), batch_size=cfg.train.batch_size * 2, workers=cfg.train.workers,
+        device=rt.device, amp=cfg.train.amp, flip="average", desc=desc,
+    )
+    if rt.world == 1:
+        return part
+    parts: list[Any] = [None] * rt.world
+    dist.all_gather_object(parts, (idx, part))
+    out = np.zeros((len(dataset), model.neck[1].out_features), dtype=np.float32)
+    for shard_idx, emb in parts:
+        if len(shard_idx):
+            out[shard_idx] = emb
+    return out
+
+
+def validate(cfg: Config, model: EmbeddingModel, splits: Splits, rt: Runtime, mean: tuple, std: tuple) -> dict:
+    """MAP@5 overall/known/new and the calibrated new_individual threshold on the validation fold."""
+    if splits.queries.empty:
+        return NO_VALIDATION
+    tf = eval_transform(cfg.train.image_size, mean, std)
+    gallery = _embed_sharded(cfg, model, CropDataset(splits.gallery["crop_path"], transform=tf), rt, "val gallery")
+    queries = _embed_sharded(cfg, model, CropDataset(splits.queries["crop_path"], transform=tf), rt, "val queries")
+    result: list[Any] = [None]
+    if rt.main:
+        result[0] = knn.evaluate_fold(
+            gallery, splits.gallery["label"].to_numpy(), queries, splits.queries["truth"].to_numpy(),
+            k=cfg.knn.k, backend=cfg.knn.backend,
+        )
+    if rt.world > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+# ---------------------------------------------------------------- artifacts
+
+def checkpoint_dict(
+    cfg: Config, model: EmbeddingModel, heads: nn.Module, encoders: dict, splits: Splits,
+    epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any, best: float, threshold: float,
+) -> dict:
+    """The stage-02 checkpoint, keys as in docs/ARTIFACTS.md."""
+    return {
+        "model_state": model.state_dict(),
+        "head_state": heads.state_dict(),
+        "config": cfg.to_dict(),
+        "label_encoders": encoders,
+        "class_counts": splits.class_counts,
+        "epoch": epoch,
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict(),
+        "best_metric": best,
+        "threshold": threshold,
+        "fold": cfg.prepare.fold,
+    }
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss, learning rate and MAP@5 (overall/known/new) per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from whaleid.io import atomic_path
+
+    df = pd.DataFrame(history)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(df["epoch"], df["train_loss"], marker="o")
+    axes[0].set_title("train loss")
+    axes[1].plot(df["epoch"], df["lr"], marker="o")
+    axes[1].set_title("learning rate (backbone)")
+    for col in ("map5", "map5_known", "map5_new"):
+        axes[2].plot(df["epoch"], df[col], marker="o", label=col)
+    axes[2].set_title("validation MAP@5")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _load_history(out: Path, upto: int) -> list[dict]:
+    """metrics.csv rows up to the resumed epoch (a row written after the checkpoint is redone)."""
+    path = out / "metrics.csv"
+    if not path.exists():
+        return []
+    df = pd.read_csv(path)
+    return df[df["epoch"] <= upto].to_dict("records")
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(cfg: Config, resume: bool = False) -> Path:
+    """Train, validate and checkpoint; returns the stage folder (outputs/02_train)."""
+    check_train_config(cfg)
+    rt = init_runtime(cfg)
+    try:
+        return _run(cfg, resume, rt)
+    finally:
+        if rt.world > 1:
+            dist.destroy_process_group()
+
+
+def prepare_model(cfg: Config, rt: Runtime, splits: Splits, encoders: dict) -> tuple[EmbeddingModel, nn.Module, nn.Module]:
+    """Model and heads on the device, and the (DDP / compiled) training module around them."""
+    model = build_model(cfg, pretrained=True)
+    heads = build_heads(cfg, len(encoders["individual_id"]), len(encoders["species"]), splits.class_counts, splits.species_counts)
+    cuda = rt.device.type == "cuda"
+    if cfg.train.sync_bn and rt.world > 1 and cuda:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(rt.device)
+    heads.to(rt.device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+    net: nn.Module = TrainNet(model, heads)
+    if rt.world > 1:
+        net = DistributedDataParallel(net, device_ids=[rt.device.index] if cuda else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    return model, heads, net
+
+
+def _run(cfg: Config, resume: bool, rt: Runtime) -> Path:
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed + rt.rank)
+    out = Path(cfg.paths.outputs) / "02_train"
+    catalogue, crops, encoders = read_inputs(cfg)
+    splits = make_splits(cfg, catalogue, crops, encoders)
+    mean, std = normalisation(cfg.model.backbone)
+    tf = train_transform(cfg.train.image_size, cfg.train.aug, mean, std)
+    tf.set_random_seed(cfg.seed + rt.rank)
+    dataset = CropDataset(splits.train["crop_path"], splits.train["label"], splits.train["species_label"], tf)
+    loader, sampler = train_loader(cfg, dataset, rt)
+    model, heads, net = prepare_model(cfg, rt, splits, encoders)
+    optimizer = make_optimizer(cfg, model, heads)
+    steps_per_epoch = math.ceil(len(loader) / cfg.train.accum_steps)
+    scheduler = make_scheduler(optimizer, cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch)
+    start_epoch, best, threshold, history = 0, -math.inf, math.nan, []
+    if resume:
+        start_epoch, best, threshold, history = _resume(out, cfg, encoders, model, heads, optimizer, scheduler)
+    if rt.main:
+        stage_dir(cfg, "train")
+        write_resolved_config(cfg, out)
+    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        e0 = time.perf_counter()
+        loss, ips = train_epoch(cfg, net, loader, optimizer, scheduler, rt, epoch)
+        due = epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs
+        val = validate(cfg, model, splits, rt, mean, std) if due else NO_VALIDATION
+        history.append({
+            "epoch": epoch, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "map5": val["map5"],
+            "map5_known": val["map5_known"], "map5_new": val["map5_new"], "threshold": val["threshold"],
+            "images_per_s": ips, "seconds": time.perf_counter() - e0,
+        })
+        improved = cfg.prepare.fold == -1 or (not math.isnan(val["map5"]) and val["map5"] > best)
+        if improved:
+            best, threshold = (val["map5"], val["threshold"]) if cfg.prepare.fold != -1 else (math.nan, math.nan)
+        if rt.main:
+            _write_epoch(out, history, checkpoint_dict(cfg, model, heads, encoders, splits, epoch, optimizer, scheduler, best, threshold), improved)
+            print(_epoch_line(history[-1]), flush=True)
+    if rt.main:
+        _write_report(cfg, out, splits, history, rt, time.perf_counter() - t0, best, threshold, start_epoch)
+    return out
+
+
+def _resume(
+    out: Path, cfg: Config, encoders: dict, model: nn.Module, heads: nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler: Any,
+) -> tuple[int, float, float, list[dict]]:
+    """Restore model, heads, optimiser, scheduler and metrics history from last.pt."""
+    path = out / "last.pt"
+    if not path.exists():
+        raise UserError(f"--resume: {path} not found; run 02_train_arcface.py without --resume first")
+    ckpt = read_checkpoint(path)
+    if ckpt["fold"] != cfg.prepare.fold or ckpt["label_encoders"] != encoders:
+        raise UserError(f"--resume: {path} was trained on another fold or catalogue; train afresh")
+    try:
+        model.load_state_dict(ckpt["model_state"])
+        heads.load_state_dict(ckpt["head_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"--resume: {path} does not fit the configured model: {err}") from err
+    scheduler.load_state_dict(ckpt["scheduler_state"])
+    epoch = int(ckpt["epoch"])
+    return epoch, float(ckpt["best_metric"]), float(ckpt["threshold"]), _load_history(out, epoch)
+
+
+def _write_epoch(out: Path, history: list[dict], ckpt: dict, improved: bool) -> None:
+    """metrics.csv and curves first, then last.pt (and best.pt): a kill in between redoes the epoch."""
+    write_csv(out / "metrics.csv", pd.DataFrame(history, columns=list(METRIC_COLUMNS)))
+    plot_curves(history, out / "curves.png")
+    torch_save(out / "last.pt", ckpt)
+    if improved:
+        torch_save(out / "best.pt", ckpt)
+
+
+def _epoch_line(row: dict) -> str:
+    return (
+        f"epoch {row['epoch']}: loss {row['train_loss']:.4f}  MAP@5 {row['map5']:.4f} "
+        f"(known {row['map5_known']:.4f}, new {row['map5_new']:.4f}, threshold {row['threshold']:.3f})  "
+        f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f} s"
+    )
+
+
+def _write_report(
+    cfg: Config, out: Path, splits: Splits, history: list[dict], rt: Runtime,
+    seconds: float, best: float, threshold: float, start_epoch: int,
+) -> None:
+    inputs = [Path(cfg.paths.outputs) / "00_prepare" / "catalogue.csv", Path(cfg.paths.outputs) / "01_crops" / "crops.csv"]
+    if cfg.train.pseudo_labels:
+        inputs.append(Path(cfg.train.pseudo_labels))
+    write_json(out / "report.json", {
+        "train_samples": len(splits.train),
+        "train_classes": int(np.count_nonzero(splits.class_counts)),
+        "gallery_images": len(splits.gallery),
+        "val_queries": len(splits.queries),
+        "val_new": int((splits.queries["truth"] == knn.NEW_LABEL).sum()),
+        "pseudo_labels": splits.pseudo,
+        "fold": cfg.prepare.fold,
+        "epochs": cfg.train.epochs,
+        "resumed_from_epoch": start_epoch,
+        "best_map5": best,
+        "threshold": threshold,
+        "device": str(rt.device),
+        "world_size": rt.world,
+        "seconds": seconds,
+        "history": history,
+        "made_from": {
+            "config": {k: fingerprint_config(cfg[k]) for k in ("model", "loss", "train", "prepare", "crop")},
+            "inputs": fingerprint_files(inputs),
+        },
+    })
