@@ -1,0 +1,303 @@
+"""Stage 01: one box per image and crop set, then a cached square crop per image, so later
+stages never decode a full-size photo again.
+
+Each crop set (`crop.sources`, e.g. fullbody, backfin) takes its boxes from one source
+(`crop.box_source`): `import` (a CSV per set, `crop.box_files`), `detector` (the built-in
+learned detector, `whaleid.detector`), `fallback` (training-free segmentation against the sea,
+`boxes.fallback_box`; coarse, for when no boxes exist to train on) or `full` (the whole frame,
+for sets that are already crops). Nothing is lost: without a usable box an image gets the full
+frame and a flag saying why. Decoding, cropping and saving run in worker processes; a rerun
+reuses every crop that is still up to date.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from multiprocessing import get_context
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from whaleid.boxes import BOX_COLUMNS, Box, box_problem, clamp_box, fallback_box, pad_and_clamp, read_box_file
+from whaleid.config import Config
+from whaleid.errors import UserError
+from whaleid.images import read_image, resize_square, write_jpeg
+from whaleid.io import (
+    fingerprint_config,
+    fingerprint_files,
+    read_json,
+    require,
+    stage_dir,
+    write_bytes,
+    write_csv,
+    write_json,
+    write_resolved_config,
+)
+
+if TYPE_CHECKING:
+    from whaleid.detector import Detector
+
+METHODS = ("import", "detector", "fallback", "full")
+FLAGS = ("no_box", "degenerate_box", "low_conf")
+CATALOGUE_COLUMNS = ["image", "split", "path", "width", "height"]
+CROP_COLUMNS = ["image", "split", "source", "crop_path", *BOX_COLUMNS, "conf", "method", "flag"]
+FALLBACK_VERSION = 1  # bump when boxes.fallback_box changes, so its crops are redone
+CHUNK = 16            # images per worker task
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+def read_catalogue(cfg: Config) -> pd.DataFrame:
+    """Stage 00's catalogue, with the columns this stage needs checked."""
+    path = require(Path(cfg.paths.outputs) / "00_prepare" / "catalogue.csv", "00_prepare_data.py")
+    cat = pd.read_csv(path, dtype={"image": str, "split": str, "path": str}, keep_default_na=False)
+    missing = [c for c in CATALOGUE_COLUMNS if c not in cat.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: rerun 00_prepare_data.py")
+    return cat.reset_index(drop=True)
+
+
+def check_sources(cfg: Config) -> dict[str, str]:
+    """{crop set: method}, with every set given a known method (and a file for import)."""
+    methods = {}
+    for source in cfg.crop.sources:
+        method = cfg.crop.box_source.get(source)
+        if method not in METHODS:
+            raise UserError(f"crop.box_source.{source} must be one of {', '.join(METHODS)}, got {method!r}")
+        if method == "import" and not cfg.crop.box_files.get(source):
+            raise UserError(f"crop set {source} imports boxes: set crop.box_files.{source} to a CSV")
+        methods[source] = method
+    if list(methods.values()).count("detector") > 1:
+        raise UserError("the built-in detector learns one kind of box: give at most one crop set "
+                        "box_source detector, and import boxes for the others")
+    return methods
+
+
+def crop_names(cat: pd.DataFrame) -> pd.Series:
+    """The crop file name of each catalogue row: the image stem + .jpg, or the full image name
+    + .jpg where two images of a split share a stem (a.jpg and a.png)."""
+    stems = cat["image"].map(lambda name: Path(name).stem)
+    clash = stems.groupby(cat["split"]).transform(lambda s: s.duplicated(keep=False))
+    return (stems.where(~clash, cat["image"]) + ".jpg").rename("crop_name")
+
+
+def crop_settings(cfg: Config) -> dict:
+    """The settings every crop file depends on (a change redoes all crops)."""
+    c = cfg.crop
+    return {"margin": c.margin, "image_size": c.image_size, "keep_aspect": c.keep_aspect,
+            "jpeg_quality": c.jpeg_quality, "min_conf": c.min_conf}
+
+
+# --- worker: decode, box checks, crop, save ------------------------------------------------
+
+def crop_one(task: dict) -> dict:
+    """Decode one image, settle its box (computing the fallback box when asked), save the crop.
+
+    Returns the crops.csv row, or {"error": reason} when the image no longer decodes.
+    """
+    rgb, reason = read_image(task["path"])
+    if rgb is None:
+        return {"error": reason}
+    h, w = rgb.shape[:2]
+    box, conf = task["box"], task["conf"]
+    if task["method"] == "full":
+        box, conf = (0.0, 0.0, float(w), float(h)), 1.0
+    elif task["method"] == "fallback":
+        box, conf = fallback_box(rgb)
+    s = task["settings"]
+    flag = box_problem(box, w, h) or ("low_conf" if conf < s["min_conf"] else "")
+    used: Box = (0.0, 0.0, float(w), float(h)) if flag else clamp_box(box, w, h)
+    left, top, right, bottom = pad_and_clamp(used, 0.0 if flag else s["margin"], w, h)
+    crop = resize_square(rgb[top:bottom, left:right], s["image_size"], s["keep_aspect"])
+    write_bytes(task["crop_path"], write_jpeg(task["crop_path"], crop, s["jpeg_quality"]))
+    return {"crop_path": task["crop_path"], **dict(zip(BOX_COLUMNS, used)),
+            "conf": float(conf) if box is not None else 0.0, "flag": flag}
+
+
+def run_tasks(tasks: list[dict], workers: int) -> list[dict]:
+    """`crop_one` over the tasks, in `workers` processes (in this one when workers <= 1)."""
+    bar = {"total": len(tasks), "desc": "crops", "unit": "img", "smoothing": 0.1}
+    if workers <= 1 or len(tasks) < 2 * CHUNK:
+        return [crop_one(t) for t in tqdm(tasks, **bar)]
+    with get_context("fork").Pool(workers) as pool:
+        return list(tqdm(pool.imap(crop_one, tasks, chunksize=CHUNK), **bar))
+
+
+# --- reuse of up-to-date crops -------------------------------------------------------------
+
+def load_previous(out: Path) -> tuple[pd.DataFrame, dict]:
+    """The previous run's crops.csv and report.json (empty when absent or unreadable)."""
+    crops, report = out / "crops.csv", out / "report.json"
+    if not (crops.is_file() and report.is_file()):
+        return pd.DataFrame(columns=CROP_COLUMNS), {}
+    return _read_crops_csv(crops), read_json(report)
+
+
+def up_to_date(rows: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
+    """Which rows (image, split, source, crop_path, path) have a previous crop still valid:
+    same crop file, and that file exists and is not older than the source image. The caller
+    checks beforehand that the set's box recipe and the crop settings are unchanged."""
+    prev = previous[["image", "split", "source", "crop_path"]].assign(_prev=True)
+    merged = rows[["image", "split", "source", "crop_path", "path"]].merge(
+        prev, on=["image", "split", "source", "crop_path"], how="left")
+    ok = merged["_prev"].notna().to_numpy().copy()
+    for i in np.flatnonzero(ok):
+        crop, src = Path(merged.at[i, "crop_path"]), Path(merged.at[i, "path"])
+        ok[i] = crop.is_file() and src.is_file() and crop.stat().st_mtime_ns >= src.stat().st_mtime_ns
+    return pd.Series(ok, index=rows.index)
+
+
+def file_hash(path: str | Path) -> str:
+    """A content hash of a file (box CSVs: a touched-but-equal file keeps its crops)."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+def run(cfg: Config) -> Path:
+    """Crop every catalogue image for every crop set; write crops.csv and report.json."""
+    start = time.perf_counter()
+    out = stage_dir(cfg, "crop")
+    cat = read_catalogue(cfg)
+    methods = check_sources(cfg)
+    cat["crop_name"] = crop_names(cat)
+    previous, prev_report = load_previous(out)
+    timing = {"detector_s": 0.0}
+    kept, tasks, sources_report, det_summary = [], [], {}, None
+    for source, method in methods.items():
+        reused, todo, info, summary = _plan_source(cfg, out, cat, source, method, previous, prev_report, timing)
+        kept.append(reused)
+        tasks += todo
+        sources_report[source] = info
+        det_summary = summary or det_summary
+    t0 = time.perf_counter()
+    results = run_tasks(tasks, cfg.crop.workers)
+    timing["crop_s"] = time.perf_counter() - t0
+    crops, undecodable = _collect(tasks, results, methods)
+    crops = pd.concat([*kept, crops], ignore_index=True)[CROP_COLUMNS]
+    crops = crops.sort_values(["source", "split", "image"], kind="stable").reset_index(drop=True)
+    path = out / "crops.csv"
+    write_csv(path, crops)
+    timing["total_s"] = time.perf_counter() - start
+    timing["crops_per_s"] = len(tasks) / timing["crop_s"] if tasks and timing["crop_s"] > 0 else None
+    _write_report(cfg, out, crops, sources_report, undecodable, det_summary, timing)
+    write_resolved_config(cfg, out)
+    _print_summary(crops, undecodable, timing, len(tasks) - len(undecodable))
+    return path
+
+
+def _plan_source(cfg: Config, out: Path, cat: pd.DataFrame, source: str, method: str, previous: pd.DataFrame,
+                 prev_report: dict, timing: dict) -> tuple[pd.DataFrame, list[dict], dict, dict | None]:
+    """For one crop set: the previous rows still up to date, the crop tasks for the rest (with
+    their boxes where known before decoding), the set's report entry and the detector summary."""
+    rows = cat.assign(source=source, crop_path=[str((out / source / s / n).resolve())
+                                                for s, n in zip(cat["split"], cat["crop_name"])])
+    det, det_summary = None, None
+    if method == "detector":
+        from whaleid import detector  # torch and timm load only when a set needs the detector
+
+        t0 = time.perf_counter()
+        det, det_summary = detector.ensure(cfg, cat, out / "detector.pt")
+        timing["detector_s"] += time.perf_counter() - t0
+        recipe = f"detector:{det_summary['weights_id']}"
+    elif method == "import":
+        recipe = f"import:{file_hash(cfg.crop.box_files[source])}"
+    else:
+        recipe = f"{method}:{FALLBACK_VERSION if method == 'fallback' else 0}"
+    settings = crop_settings(cfg)
+    same = (prev_report.get("settings") == settings
+            and prev_report.get("sources", {}).get(source, {}).get("recipe") == recipe)
+    reuse = up_to_date(rows, previous) if same else pd.Series(False, index=rows.index)
+    kept = previous.merge(rows.loc[reuse, ["image", "split", "source"]], on=["image", "split", "source"])
+    todo = rows.loc[~reuse].reset_index(drop=True)
+    boxes, problems = _boxes_for(method, source, todo, cfg, cat, det, timing)
+    tasks = [{"path": r.path, "crop_path": r.crop_path, "method": method, "box": b[0] if b else None,
+              "conf": b[1] if b else 0.0, "settings": settings, "row": (r.image, r.split, source)}
+             for r, b in zip(todo.itertuples(index=False), boxes)]
+    info = {"method": method, "recipe": recipe, "reused": int(reuse.sum()), "import_problems": problems}
+    return kept, tasks, info, det_summary
+
+
+def _boxes_for(method: str, source: str, todo: pd.DataFrame, cfg: Config, cat: pd.DataFrame,
+               det: Detector | None, timing: dict) -> tuple[list[tuple[Box, float] | None], list[str]]:
+    """Per todo row, (box, conf) known before cropping, or None (full/fallback: the worker
+    decides; import: no box listed); plus the import problems found."""
+    if method == "import":
+        found, problems = read_box_file(cfg.crop.box_files[source], set(cat["image"]))
+        return [found.get(image) for image in todo["image"]], problems
+    if method == "detector" and len(todo):
+        from whaleid import detector
+
+        t0 = time.perf_counter()
+        predicted = detector.predict(det, todo["path"].tolist(), cfg)
+        timing["detector_s"] += time.perf_counter() - t0
+        return predicted, []
+    return [None] * len(todo), []
+
+
+def _collect(tasks: list[dict], results: list[dict], methods: dict[str, str]) -> tuple[pd.DataFrame, list[dict]]:
+    """crops.csv rows of the finished tasks, and the images that failed to decode."""
+    rows, undecodable = [], []
+    for task, result in zip(tasks, results):
+        image, split, source = task["row"]
+        if "error" in result:
+            undecodable.append({"image": image, "split": split, "source": source, "reason": result["error"]})
+            continue
+        rows.append({"image": image, "split": split, "source": source, "method": methods[source], **result})
+    return pd.DataFrame(rows, columns=CROP_COLUMNS), undecodable
+
+
+def _write_report(cfg: Config, out: Path, crops: pd.DataFrame, sources: dict, undecodable: list[dict],
+                  det_summary: dict | None, timing: dict) -> None:
+    """report.json: per set counts by method and flag, undecodable images, timings, fingerprints."""
+    for source, info in sources.items():
+        part = crops[crops["source"] == source]
+        info["rows"] = int(len(part))
+        info["by_method"] = dict(Counter(part["method"]))
+        info["by_flag"] = dict(Counter(part["flag"].replace("", "ok")))
+        info["import_problem_count"] = len(info["import_problems"])
+        info["import_problems"] = info["import_problems"][:100]
+    box_files = [cfg.crop.box_files[s] for s, i in sources.items() if i["method"] == "import"]
+    write_json(out / "report.json", {
+        "sources": sources,
+        "undecodable": undecodable,
+        "detector": det_summary,
+        "settings": crop_settings(cfg),
+        "timing": timing,
+        "fingerprints": {
+            "catalogue": fingerprint_files([Path(cfg.paths.outputs) / "00_prepare" / "catalogue.csv"]),
+            "box_files": fingerprint_files(box_files) if box_files else None,
+            "crop_config": fingerprint_config(cfg.crop.to_dict()),
+        },
+    })
+
+
+def _print_summary(crops: pd.DataFrame, undecodable: list[dict], timing: dict, n_done: int) -> None:
+    flags = crops["flag"].replace("", "ok")
+    table = pd.crosstab([crops["source"], crops["method"]], flags)
+    print(f"stage 01: {len(crops)} crops ({n_done} made now, {len(crops) - n_done} up to date) "
+          f"in {timing['total_s']:.1f}s\n{table.to_string()}")
+    if undecodable:
+        print(f"warning: {len(undecodable)} image(s) no longer decode, see report.json "
+              f"(first: {undecodable[0]['image']})")
+
+
+def _read_crops_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"image": str, "split": str, "source": str, "crop_path": str,
+                                    "method": str, "flag": str}, keep_default_na=False,
+                       na_values={c: ["", "nan", "NaN"] for c in [*BOX_COLUMNS, "conf"]})
+
+
+def load_crops(cfg: Config) -> pd.DataFrame:
+    """Stage 01's crops.csv (for stages 02 and 03), with its columns checked."""
+    path = require(Path(cfg.paths.outputs) / "01_crops" / "crops.csv", "01_detect_crop.py")
+    crops = _read_crops_csv(path)
+    missing = [c for c in CROP_COLUMNS if c not in crops.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: rerun 01_detect_crop.py")
+    return crops
