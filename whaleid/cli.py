@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from whaleid.config import Config, load_config
 from whaleid.errors import UserError
@@ -17,6 +17,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="override one key, e.g. --set train.epochs=3 (repeatable, type-checked)")
     return p
+
+
+def one_line(err: UserError) -> str:
+    """The sentence of a UserError. One raised in a DataLoader worker comes back re-wrapped by
+    torch with the worker's traceback in its message; its last line is the original sentence."""
+    text = str(err)
+    if "\n" not in text:
+        return text
+    return text.rstrip().splitlines()[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
 
 
 def run_stage(
@@ -37,7 +46,7 @@ def run_stage(
         cfg = load_config(args.config, args.sets)
         stage(cfg, args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished artifacts are kept; rerun to resume", file=sys.stderr)

@@ -8,8 +8,9 @@ Maps listed in OPEN_MAPS take any key (they are keyed by crop-source name).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 

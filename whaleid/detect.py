@@ -7,17 +7,19 @@ learned detector, `whaleid.detector`), `fallback` (training-free segmentation ag
 `boxes.fallback_box`; coarse, for when no boxes exist to train on) or `full` (the whole frame,
 for sets that are already crops). Nothing is lost: without a usable box an image gets the full
 frame and a flag saying why. Decoding, cropping and saving run in worker processes; a rerun
-reuses every crop that is still up to date.
+reuses every crop that is still up to date, including those of a run that was killed: each
+finished crop is appended to a journal (`crops.partial.jsonl`) until crops.csv is written.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 import pandas as pd
@@ -28,11 +30,14 @@ from whaleid.config import Config
 from whaleid.errors import UserError
 from whaleid.images import read_image, resize_square, write_jpeg
 from whaleid.io import (
+    check_fresh,
+    file_digest,
     fingerprint_config,
     fingerprint_files,
     read_json,
     require,
     stage_dir,
+    stage_inputs_record,
     write_bytes,
     write_csv,
     write_json,
@@ -48,6 +53,7 @@ CATALOGUE_COLUMNS = ["image", "split", "path", "width", "height"]
 CROP_COLUMNS = ["image", "split", "source", "crop_path", *BOX_COLUMNS, "conf", "method", "flag"]
 FALLBACK_VERSION = 1  # bump when boxes.fallback_box changes, so its crops are redone
 CHUNK = 16            # images per worker task
+JOURNAL_NAME = "crops.partial.jsonl"  # finished crops of an unfinished run (read only by this stage)
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -119,23 +125,99 @@ def crop_one(task: dict) -> dict:
             "conf": float(conf) if box is not None else 0.0, "flag": flag}
 
 
-def run_tasks(tasks: list[dict], workers: int) -> list[dict]:
-    """`crop_one` over the tasks, in `workers` processes (in this one when workers <= 1)."""
+def run_tasks(tasks: list[dict], workers: int,
+              on_result: Callable[[dict, dict], None] | None = None) -> list[dict]:
+    """`crop_one` over the tasks, in `workers` processes (in this one when workers <= 1).
+
+    `on_result(task, result)` is called in this process as each result arrives, in task order.
+    """
     bar = {"total": len(tasks), "desc": "crops", "unit": "img", "smoothing": 0.1}
+    results = []
     if workers <= 1 or len(tasks) < 2 * CHUNK:
-        return [crop_one(t) for t in tqdm(tasks, **bar)]
+        for task in tqdm(tasks, **bar):
+            results.append(crop_one(task))
+            if on_result is not None:
+                on_result(task, results[-1])
+        return results
     with get_context("fork").Pool(workers) as pool:
-        return list(tqdm(pool.imap(crop_one, tasks, chunksize=CHUNK), **bar))
+        for task, result in zip(tasks, tqdm(pool.imap(crop_one, tasks, chunksize=CHUNK), **bar)):
+            results.append(result)
+            if on_result is not None:
+                on_result(task, result)
+    return results
+
+
+def crop_row(task: dict, result: dict) -> dict:
+    """The crops.csv row of a finished task (`result` of `crop_one` without an error)."""
+    image, split, source = task["row"]
+    return {"image": image, "split": split, "source": source, "method": task["method"], **result}
 
 
 # --- reuse of up-to-date crops -------------------------------------------------------------
 
-def load_previous(out: Path) -> tuple[pd.DataFrame, dict]:
-    """The previous run's crops.csv and report.json (empty when absent or unreadable)."""
+def reuse_key(recipe: str, settings: dict) -> str:
+    """What a crop depends on besides its image: the set's box recipe and the crop settings."""
+    return json.dumps([recipe, settings], sort_keys=True)
+
+
+def load_previous(out: Path) -> pd.DataFrame:
+    """Crops of earlier runs, each with the `key` (reuse_key) it was made under: the last
+    finished run's crops.csv and report.json, then the journal of a run killed since (newer, so
+    it wins for an image listed in both). Empty when there are none."""
+    parts = [pd.DataFrame(columns=[*CROP_COLUMNS, "key"])]
     crops, report = out / "crops.csv", out / "report.json"
-    if not (crops.is_file() and report.is_file()):
-        return pd.DataFrame(columns=CROP_COLUMNS), {}
-    return _read_crops_csv(crops), read_json(report)
+    if crops.is_file() and report.is_file():
+        info = read_json(report)
+        recipes = {s: reuse_key(i.get("recipe", ""), info.get("settings")) for s, i in info.get("sources", {}).items()}
+        done = _read_crops_csv(crops)
+        parts.append(done.assign(key=done["source"].map(recipes)))
+    parts.append(read_journal(out / JOURNAL_NAME))
+    previous = pd.concat(parts, ignore_index=True)
+    return previous.drop_duplicates(["image", "split", "source"], keep="last").reset_index(drop=True)
+
+
+def read_journal(path: Path) -> pd.DataFrame:
+    """Rows of a crop journal, each with the `key` of the header line above it. A line cut short
+    by a kill (the last one) is skipped; every complete row names a crop file written whole."""
+    rows: list[dict] = []
+    if path.is_file():
+        keys: dict[str, str] = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                continue
+            if "recipes" in entry:
+                keys = {s: reuse_key(r, entry["settings"]) for s, r in entry["recipes"].items()}
+            elif "row" in entry and entry["row"].get("source") in keys:
+                rows.append({**entry["row"], "key": keys[entry["row"]["source"]]})
+    return pd.DataFrame(rows, columns=[*CROP_COLUMNS, "key"])
+
+
+class CropJournal:
+    """Append-only log of the crops finished by this run, so a killed run's work is reused.
+
+    A header line gives the recipes and settings the rows below it were made with. Each entry
+    starts with a newline and is flushed at once, so a kill can only cut the last entry short,
+    and the next run's header still starts on a line of its own.
+    """
+
+    def __init__(self, path: Path, recipes: dict[str, str], settings: dict) -> None:
+        self.path = path
+        self.fh: TextIO = open(path, "a", encoding="utf-8")
+        self._write({"recipes": recipes, "settings": settings})
+
+    def _write(self, entry: dict) -> None:
+        self.fh.write("\n" + json.dumps(entry))
+        self.fh.flush()
+
+    def record(self, task: dict, result: dict) -> None:
+        """Log a finished crop (`run_tasks` callback); failed decodes are not logged."""
+        if "error" not in result:
+            self._write({"row": crop_row(task, result)})
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def up_to_date(rows: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
@@ -152,47 +234,48 @@ def up_to_date(rows: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
     return pd.Series(ok, index=rows.index)
 
 
-def file_hash(path: str | Path) -> str:
-    """A content hash of a file (box CSVs: a touched-but-equal file keeps its crops)."""
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
-
-
 # --- the stage -----------------------------------------------------------------------------
 
 def run(cfg: Config) -> Path:
     """Crop every catalogue image for every crop set; write crops.csv and report.json."""
     start = time.perf_counter()
     out = stage_dir(cfg, "crop")
+    stale = check_fresh(Path(cfg.paths.outputs) / "00_prepare" / "report.json", "00_prepare_data.py")
     cat = read_catalogue(cfg)
     methods = check_sources(cfg)
     cat["crop_name"] = crop_names(cat)
-    previous, prev_report = load_previous(out)
+    previous = load_previous(out)
     timing = {"detector_s": 0.0}
     kept, tasks, sources_report, det_summary = [], [], {}, None
     for source, method in methods.items():
-        reused, todo, info, summary = _plan_source(cfg, out, cat, source, method, previous, prev_report, timing)
+        reused, todo, info, summary = _plan_source(cfg, out, cat, source, method, previous, timing)
         kept.append(reused)
         tasks += todo
         sources_report[source] = info
         det_summary = summary or det_summary
     t0 = time.perf_counter()
-    results = run_tasks(tasks, cfg.crop.workers)
+    journal = CropJournal(out / JOURNAL_NAME, {s: i["recipe"] for s, i in sources_report.items()}, crop_settings(cfg))
+    try:
+        results = run_tasks(tasks, cfg.crop.workers, journal.record)
+    finally:
+        journal.close()
     timing["crop_s"] = time.perf_counter() - t0
-    crops, undecodable = _collect(tasks, results, methods)
+    crops, undecodable = _collect(tasks, results)
     crops = pd.concat([*kept, crops], ignore_index=True)[CROP_COLUMNS]
     crops = crops.sort_values(["source", "split", "image"], kind="stable").reset_index(drop=True)
     path = out / "crops.csv"
     write_csv(path, crops)
     timing["total_s"] = time.perf_counter() - start
     timing["crops_per_s"] = len(tasks) / timing["crop_s"] if tasks and timing["crop_s"] > 0 else None
-    _write_report(cfg, out, crops, sources_report, undecodable, det_summary, timing)
+    _write_report(cfg, out, crops, sources_report, undecodable, det_summary, timing, stale)
     write_resolved_config(cfg, out)
+    (out / JOURNAL_NAME).unlink(missing_ok=True)  # its rows are all in crops.csv now
     _print_summary(crops, undecodable, timing, len(tasks) - len(undecodable))
     return path
 
 
 def _plan_source(cfg: Config, out: Path, cat: pd.DataFrame, source: str, method: str, previous: pd.DataFrame,
-                 prev_report: dict, timing: dict) -> tuple[pd.DataFrame, list[dict], dict, dict | None]:
+                 timing: dict) -> tuple[pd.DataFrame, list[dict], dict, dict | None]:
     """For one crop set: the previous rows still up to date, the crop tasks for the rest (with
     their boxes where known before decoding), the set's report entry and the detector summary."""
     rows = cat.assign(source=source, crop_path=[str((out / source / s / n).resolve())
@@ -206,13 +289,13 @@ def _plan_source(cfg: Config, out: Path, cat: pd.DataFrame, source: str, method:
         timing["detector_s"] += time.perf_counter() - t0
         recipe = f"detector:{det_summary['weights_id']}"
     elif method == "import":
-        recipe = f"import:{file_hash(cfg.crop.box_files[source])}"
+        # A content hash: a touched-but-equal box file keeps its crops.
+        recipe = f"import:{file_digest(cfg.crop.box_files[source])}"
     else:
         recipe = f"{method}:{FALLBACK_VERSION if method == 'fallback' else 0}"
     settings = crop_settings(cfg)
-    same = (prev_report.get("settings") == settings
-            and prev_report.get("sources", {}).get(source, {}).get("recipe") == recipe)
-    reuse = up_to_date(rows, previous) if same else pd.Series(False, index=rows.index)
+    previous = previous[previous["key"] == reuse_key(recipe, settings)]
+    reuse = up_to_date(rows, previous)
     kept = previous.merge(rows.loc[reuse, ["image", "split", "source"]], on=["image", "split", "source"])
     todo = rows.loc[~reuse].reset_index(drop=True)
     boxes, problems = _boxes_for(method, source, todo, cfg, cat, det, timing)
@@ -240,7 +323,7 @@ def _boxes_for(method: str, source: str, todo: pd.DataFrame, cfg: Config, cat: p
     return [None] * len(todo), []
 
 
-def _collect(tasks: list[dict], results: list[dict], methods: dict[str, str]) -> tuple[pd.DataFrame, list[dict]]:
+def _collect(tasks: list[dict], results: list[dict]) -> tuple[pd.DataFrame, list[dict]]:
     """crops.csv rows of the finished tasks, and the images that failed to decode."""
     rows, undecodable = [], []
     for task, result in zip(tasks, results):
@@ -248,13 +331,14 @@ def _collect(tasks: list[dict], results: list[dict], methods: dict[str, str]) ->
         if "error" in result:
             undecodable.append({"image": image, "split": split, "source": source, "reason": result["error"]})
             continue
-        rows.append({"image": image, "split": split, "source": source, "method": methods[source], **result})
+        rows.append(crop_row(task, result))
     return pd.DataFrame(rows, columns=CROP_COLUMNS), undecodable
 
 
 def _write_report(cfg: Config, out: Path, crops: pd.DataFrame, sources: dict, undecodable: list[dict],
-                  det_summary: dict | None, timing: dict) -> None:
-    """report.json: per set counts by method and flag, undecodable images, timings, fingerprints."""
+                  det_summary: dict | None, timing: dict, stale: list[str]) -> None:
+    """report.json: per set counts by method and flag, undecodable images, timings, fingerprints,
+    the input files' digests and the stale-input warnings."""
     for source, info in sources.items():
         part = crops[crops["source"] == source]
         info["rows"] = int(len(part))
@@ -274,6 +358,9 @@ def _write_report(cfg: Config, out: Path, crops: pd.DataFrame, sources: dict, un
             "box_files": fingerprint_files(box_files) if box_files else None,
             "crop_config": fingerprint_config(cfg.crop.to_dict()),
         },
+        "input_files": stage_inputs_record([Path(cfg.paths.outputs) / "00_prepare" / "catalogue.csv", *box_files],
+                                           cfg.paths.outputs),
+        "stale_inputs": stale,
     })
 
 

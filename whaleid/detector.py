@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +234,19 @@ def _recipe(cfg: Config) -> dict:
 
 # --- train / load --------------------------------------------------------------------------
 
+def _load_saved(weights: Path) -> dict | None:
+    """The saved detector dict, or None when absent or unreadable (then it is retrained: the
+    file is a cache of a deterministic training, so losing it costs time, not results)."""
+    if not weights.is_file():
+        return None
+    try:
+        saved = torch.load(weights, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        print(f"warning: {weights} is truncated or corrupt ({type(err).__name__}); retraining the detector")
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def ensure(cfg: Config, catalogue: pd.DataFrame, weights: Path) -> tuple[Detector, dict]:
     """The detector for this config and these training boxes: loaded when `weights` matches
     both, trained and saved (atomically) otherwise. Returns it with a summary for the report."""
@@ -245,8 +260,8 @@ def ensure(cfg: Config, catalogue: pd.DataFrame, weights: Path) -> tuple[Detecto
     fingerprint = boxes_fingerprint(boxes)
     torch.manual_seed(cfg.seed)  # the head's initial weights, so a retrain reproduces the same boxes
     det = Detector(cfg.crop.detector, device_of(cfg))
-    if weights.is_file():
-        saved = torch.load(weights, map_location="cpu", weights_only=False)
+    saved = _load_saved(weights)
+    if saved is not None:
         if saved.get("recipe") == _recipe(cfg) and saved.get("boxes_fingerprint") == fingerprint:
             det.head.load_state_dict(saved["head_state"])
             det.head.eval()

@@ -10,7 +10,6 @@ embeds a strided shard and rank 0 gathers the shards and writes every file.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from whaleid.backbone import normalisation
-from whaleid.catalogue import load_catalogue
+from whaleid.catalogue import load_catalogue, load_encoders
 from whaleid.config import Config, config_from_dict
 from whaleid.dataset import CropDataset, eval_transform
 from whaleid.errors import UserError
@@ -32,10 +31,13 @@ from whaleid.inference import FLIPS, embed_dataset
 from whaleid.io import (
     STAGE_DIRS,
     atomic_path,
+    check_fresh,
+    file_digest,
     fingerprint_config,
     fingerprint_files,
     require,
     stage_dir,
+    stage_inputs_record,
     write_csv,
     write_json,
     write_npy,
@@ -60,15 +62,7 @@ class Loaded:
     config: Config  # the config that built the model
     raw: bool  # embed pooled backbone features (no neck)
     info: dict  # checkpoint path, kind, fingerprint, epoch, fold, threshold
-
-
-def _sha1(path: Path) -> str:
-    """Content hash of a file (16 hex digits): which checkpoint exactly made these embeddings."""
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    encoders: dict | None  # the label set the heads were trained on (None for the untrained floor)
 
 
 def checkpoint_path(cfg: Config) -> Path | None:
@@ -91,18 +85,44 @@ def load_model(cfg: Config) -> Loaded:
         model = build_model(cfg, pretrained=True)
         info = {"kind": "untrained", "path": None, "pretrained": cfg.model.pretrained,
                 "backbone": cfg.model.backbone}
-        return Loaded(model.eval(), None, cfg, True, info)
+        return Loaded(model.eval(), None, cfg, True, info, None)
     model, heads, ckpt = load_checkpoint(path)
     info = {
         "kind": cfg.embed.checkpoint if cfg.embed.checkpoint in NAMED_CHECKPOINTS else "path",
         "path": str(path.resolve()),
-        "fingerprint": _sha1(path),
+        "fingerprint": file_digest(path),
         "epoch": int(ckpt["epoch"]),
         "fold": int(ckpt["fold"]),
         "best_metric": float(ckpt["best_metric"]),
         "threshold": float(ckpt["threshold"]),
     }
-    return Loaded(model, heads, config_from_dict(ckpt["config"]), False, info)
+    return Loaded(model, heads, config_from_dict(ckpt["config"]), False, info, ckpt["label_encoders"])
+
+
+def check_checkpoint_inputs(cfg: Config, loaded: Loaded) -> list[str]:
+    """Warnings (or a UserError) when the checkpoint was trained on other data than today's.
+
+    A checkpoint of stage 02 (`best`/`last`) is compared with the catalogue and crops it was
+    trained from (02_train/report.json). Any checkpoint trained on another label set than
+    label_encoders.json is reported; with `embed.logits_topk > 0` that is an error, since the
+    class codes of test_logits.npz would name the wrong individuals in stage 04.
+    """
+    stale = []
+    if cfg.embed.checkpoint in NAMED_CHECKPOINTS:
+        stale = check_fresh(Path(cfg.paths.outputs) / STAGE_DIRS["train"] / "report.json", "02_train_arcface.py")
+    if loaded.encoders is None:
+        return stale
+    current = load_encoders(cfg)
+    if loaded.encoders != current:
+        ids, now = loaded.encoders["individual_id"], current["individual_id"]
+        msg = (f"checkpoint {loaded.info['path']} was trained on another label set ({len(ids)} individuals, "
+               f"{len(set(ids) & set(now))} of them in label_encoders.json, which has {len(now)})")
+        if cfg.embed.logits_topk > 0:
+            raise UserError(f"{msg}: its ArcFace logits cannot be used; retrain (02_train_arcface.py) "
+                            "or set embed.logits_topk=0")
+        print(f"warning: {msg}; the embeddings are still usable for kNN")
+        stale.append(msg)
+    return stale
 
 
 def crop_rows(cfg: Config) -> tuple[pd.DataFrame, dict]:
@@ -228,6 +248,13 @@ def _write_logits(out: Path, heads: nn.Module | None, rows: pd.DataFrame, emb: n
     return f"top {labels.shape[1]} class cosines for {len(images)} test images"
 
 
+def _input_paths(cfg: Config, loaded: Loaded) -> list[Path]:
+    """The files the embeddings depend on: catalogue, crops.csv and the checkpoint."""
+    out = Path(cfg.paths.outputs)
+    paths = [out / STAGE_DIRS["prepare"] / "catalogue.csv", out / STAGE_DIRS["crop"] / "crops.csv"]
+    return paths + ([Path(loaded.info["path"])] if loaded.info["path"] else [])
+
+
 def _check_embed_config(cfg: Config) -> None:
     e = cfg.embed
     if e.flip_tta not in FLIPS:
@@ -255,6 +282,7 @@ def run(cfg: Config) -> Path:
 def _run(cfg: Config, rt: Runtime) -> Path:
     start = time.time()
     loaded = load_model(cfg)
+    stale = check_checkpoint_inputs(cfg, loaded) if rt.main else []
     size = cfg.embed.image_size or loaded.config.train.image_size
     mean, std = normalisation(loaded.config.model.backbone)
     rows, counts = crop_rows(cfg)
@@ -294,6 +322,8 @@ def _run(cfg: Config, rt: Runtime) -> Path:
             "inputs": fingerprint_files([Path(cfg.paths.outputs) / STAGE_DIRS["crop"] / "crops.csv"]),
             "config": fingerprint_config({"embed": cfg.embed.to_dict(), "crop.sources": cfg.crop.sources}),
         },
+        "input_files": stage_inputs_record(_input_paths(cfg, loaded), cfg.paths.outputs),
+        "stale_inputs": stale,
         "seconds": round(time.time() - start, 2),
     }
     write_json(out / "report.json", report)

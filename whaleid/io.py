@@ -10,9 +10,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -125,6 +126,54 @@ def fingerprint_files(paths: list[str | Path]) -> str:
 def fingerprint_config(section: Any) -> str:
     """A short hash of a config section's resolved values."""
     return hashlib.sha1(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """A content hash of a file (16 hex digits): unlike `fingerprint_files`, a file rewritten
+    with the same bytes (a stage rerun that changed nothing) keeps its digest."""
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def stage_inputs_record(paths: Iterable[str | Path], outputs: str | Path) -> dict[str, str]:
+    """{path: content digest} of the files a stage read, stored as `input_files` in its report.json
+    so a later stage can tell (`check_fresh`) whether they changed since. Paths below `outputs`
+    (`paths.outputs`) are stored relative to it, so a moved or copied outputs folder still checks."""
+    root = Path(outputs).resolve()
+    record = {}
+    for p in paths:
+        path = Path(p).resolve()
+        record[str(path.relative_to(root)) if path.is_relative_to(root) else str(path)] = file_digest(path)
+    return record
+
+
+def check_fresh(report_path: str | Path, made_by: str) -> list[str]:
+    """Warn about inputs of an upstream stage that changed after it ran: compares the digests in
+    its report.json (`input_files`) with the files now. Prints and returns one line per file.
+
+    The report lies in `<outputs>/<stage folder>/`, so relative paths are read below `<outputs>`.
+    Example: stage 03 checks 02_train/report.json; if crops.csv changed since the checkpoint
+    was trained, the embeddings would come from a model trained on other crops.
+    """
+    report_path = Path(report_path)
+    if not report_path.is_file():
+        return []
+    recorded = read_json(report_path).get("input_files") or {}
+    stage = report_path.parent.name
+    stale = []
+    for name, digest in recorded.items():
+        path = report_path.parent.parent / name  # an absolute `name` stays as it is
+        if not path.is_file():
+            stale.append(f"{path} no longer exists, but {stage} was made from it: rerun {made_by}")
+        elif file_digest(path) != digest:
+            stale.append(f"{path} changed after {stage} was made from it "
+                         f"(digests in {report_path}): rerun {made_by} and the stages after it")
+    for line in stale:
+        print(f"warning: stale input: {line}")
+    return stale
 
 
 def require(path: str | Path, made_by: str) -> Path:

@@ -33,11 +33,13 @@ from whaleid.config import Config
 from whaleid.errors import UserError
 from whaleid.io import (
     STAGE_DIRS,
+    check_fresh,
     fingerprint_config,
     fingerprint_files,
     read_json,
     require,
     stage_dir,
+    stage_inputs_record,
     write_csv,
     write_json,
     write_resolved_config,
@@ -522,6 +524,7 @@ def run(cfg: Config) -> Path:
     start = time.time()
     _check_knn_config(cfg)
     embed_dir = Path(cfg.paths.outputs) / STAGE_DIRS["embed"]
+    stale = check_fresh(embed_dir / "report.json", EMBED_MADE_BY)
     emb = load_embeddings(embed_dir)
     catalogue = load_catalogue(cfg)
     encoders = load_encoders(cfg)
@@ -568,6 +571,12 @@ def run(cfg: Config) -> Path:
         "inputs": fingerprint_files(sorted(embed_dir.glob("*_emb.npy")) + sorted(embed_dir.glob("*_index.csv"))),
         "config": fingerprint_config({"knn": cfg.knn.to_dict(), "fold": cfg.prepare.fold}),
     }
+    prepared = Path(cfg.paths.outputs) / STAGE_DIRS["prepare"]
+    metrics["input_files"] = stage_inputs_record([
+        *sorted(embed_dir.glob("*_emb.npy")), *sorted(embed_dir.glob("*_index.csv")),
+        prepared / "catalogue.csv", prepared / "label_encoders.json", resolve_data_dir(cfg) / "sample_submission.csv"],
+        cfg.paths.outputs)
+    metrics["stale_inputs"] = stale
     metrics["seconds"] = round(time.time() - start, 2)
     write_json(out / "metrics.json", metrics)
     path = Path(cfg.paths.outputs) / "submission.csv"

@@ -38,11 +38,13 @@ from whaleid.dataset import CropDataset, eval_transform, train_transform
 from whaleid.errors import UserError
 from whaleid.inference import embed_dataset, resolve_device
 from whaleid.io import (
+    check_fresh,
     fingerprint_config,
     fingerprint_files,
     read_json,
     require,
     stage_dir,
+    stage_inputs_record,
     torch_save,
     write_csv,
     write_json,
@@ -104,6 +106,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_epoch(loader: DataLoader, transform: Any, seed: int, epoch: int) -> None:
+    """Reseed the shuffle and the (in-process) augmentations from (seed, epoch) alone, so an epoch
+    draws the same batches whether or not the run was resumed from last.pt before it."""
+    loader.generator.manual_seed(seed + 1000 * epoch)
+    transform.set_random_seed(seed + 1000 * epoch)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -495,6 +504,7 @@ def _run(cfg: Config, resume: bool, rt: Runtime) -> Path:
     t0 = time.perf_counter()
     seed_everything(cfg.seed + rt.rank)
     out = Path(cfg.paths.outputs) / "02_train"
+    stale = check_fresh(Path(cfg.paths.outputs) / "01_crops" / "report.json", "01_detect_crop.py") if rt.main else []
     catalogue, crops, encoders = read_inputs(cfg)
     splits = make_splits(cfg, catalogue, crops, encoders)
     mean, std = normalisation(cfg.model.backbone)
@@ -515,6 +525,7 @@ def _run(cfg: Config, resume: bool, rt: Runtime) -> Path:
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        seed_epoch(loader, tf, cfg.seed + rt.rank, epoch)
         e0 = time.perf_counter()
         loss, ips = train_epoch(cfg, net, loader, optimizer, scheduler, rt, epoch)
         due = epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs
@@ -531,7 +542,7 @@ def _run(cfg: Config, resume: bool, rt: Runtime) -> Path:
             _write_epoch(out, history, checkpoint_dict(cfg, model, heads, encoders, splits, epoch, optimizer, scheduler, best, threshold), improved)
             print(_epoch_line(history[-1]), flush=True)
     if rt.main:
-        _write_report(cfg, out, splits, history, rt, time.perf_counter() - t0, best, threshold, start_epoch)
+        _write_report(cfg, out, splits, history, rt, time.perf_counter() - t0, best, threshold, start_epoch, stale)
     return out
 
 
@@ -576,9 +587,12 @@ def _epoch_line(row: dict) -> str:
 
 def _write_report(
     cfg: Config, out: Path, splits: Splits, history: list[dict], rt: Runtime,
-    seconds: float, best: float, threshold: float, start_epoch: int,
+    seconds: float, best: float, threshold: float, start_epoch: int, stale: list[str],
 ) -> None:
-    inputs = [Path(cfg.paths.outputs) / "00_prepare" / "catalogue.csv", Path(cfg.paths.outputs) / "01_crops" / "crops.csv"]
+    """report.json: data sizes, history, best metric, what the run was made from, stale inputs."""
+    prepared = Path(cfg.paths.outputs) / "00_prepare"
+    inputs = [prepared / "catalogue.csv", prepared / "label_encoders.json",
+              Path(cfg.paths.outputs) / "01_crops" / "crops.csv"]
     if cfg.train.pseudo_labels:
         inputs.append(Path(cfg.train.pseudo_labels))
     write_json(out / "report.json", {
@@ -601,4 +615,6 @@ def _write_report(
             "config": {k: fingerprint_config(cfg[k]) for k in ("model", "loss", "train", "prepare", "crop")},
             "inputs": fingerprint_files(inputs),
         },
+        "input_files": stage_inputs_record(inputs, cfg.paths.outputs),
+        "stale_inputs": stale,
     })
