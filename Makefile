@@ -74,6 +74,10 @@ bench: $(VENV)/.installed  ## throughput and accuracy benchmarks on the demo dat
 	$(PY) bench/bench_train.py $(ARGS)
 	$(PY) bench/bench_embed.py $(ARGS)
 
+RIGHTWHALE ?= ../shared/data/rightwhale
+bench-accuracy: $(VENV)/.installed  ## accuracy on the right whale set, CPU profile (~40 min on 2 cores; bench/results/)
+	$(PY) bench/bench_accuracy.py --data $(RIGHTWHALE) --profile cpu --config configs/rightwhale.yaml
+
 clean:  ## remove outputs (keeps data/ and .venv)
 	rm -rf $(OUT)/0* $(OUT)/submission.csv
 
