@@ -38,7 +38,7 @@ from whaleid.images import read_image, resize_square
 from whaleid.io import fingerprint_config, torch_save
 
 VAL_SHARE = 0.1       # held-out share of the training boxes for the per-epoch validation IoU
-HEAD_WIDTH = 64
+HEAD_WIDTH = 128
 L1_WEIGHT, GIOU_WEIGHT, CONF_WEIGHT = 5.0, 2.0, 1.0   # DETR's L1:GIoU ratio
 
 
