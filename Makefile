@@ -41,7 +41,7 @@ demo-data: $(VENV)/.installed  ## generate the built-in demo dataset at paths.de
 $(CATALOGUE): $(VENV)/.installed $(CFG_FILES) whaleid/catalogue.py whaleid/demo_data.py
 	$(PY) 00_prepare_data.py $(ARGS)
 
-$(CROPS): $(CATALOGUE) whaleid/detect.py
+$(CROPS): $(CATALOGUE) whaleid/detect.py whaleid/boxes.py whaleid/detector.py
 	$(PY) 01_detect_crop.py $(ARGS)
 
 $(CHECKPOINT): $(CROPS) whaleid/train.py whaleid/model.py whaleid/losses.py whaleid/dataset.py
@@ -50,7 +50,7 @@ $(CHECKPOINT): $(CROPS) whaleid/train.py whaleid/model.py whaleid/losses.py whal
 $(EMBEDDINGS): $(CHECKPOINT) whaleid/embed.py whaleid/inference.py
 	$(PY) 03_embed.py $(ARGS)
 
-$(SUBMISSION): $(EMBEDDINGS) whaleid/submit.py whaleid/knn.py
+$(SUBMISSION): $(EMBEDDINGS) whaleid/submit.py whaleid/knn.py whaleid/report.py
 	$(PY) 04_knn_submit.py $(ARGS)
 
 prepare: $(CATALOGUE)  ## stage 00 only
