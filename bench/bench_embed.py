@@ -31,6 +31,7 @@ from whaleid.backbone import normalisation  # noqa: E402
 from whaleid.config import load_config  # noqa: E402
 from whaleid.dataset import CropDataset, eval_transform  # noqa: E402
 from whaleid.inference import embed_dataset, resolve_device  # noqa: E402
+from whaleid.io import write_text  # noqa: E402
 from whaleid.model import build_model  # noqa: E402
 
 
@@ -139,9 +140,7 @@ def main() -> None:
         f"| ratio real / bare | {real / bare:.2f} |",
     ]) + "\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_text(args.out, text)
 
 
 if __name__ == "__main__":

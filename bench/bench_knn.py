@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from whaleid import knn  # noqa: E402
-from whaleid.io import write_csv  # noqa: E402
+from whaleid.io import write_csv, write_text  # noqa: E402
 
 GALLERY_IMAGES, FLIPS, QUERIES, DIM, INDIVIDUALS = 51_033, 2, 27_956, 512, 15_587
 THRESHOLD = 0.12  # random 512-d unit vectors have cosines ~N(0, 0.044): puts new_individual mid-list
@@ -212,9 +212,7 @@ def main() -> None:
     print(f"baseline: {res_base['times']} on {res_base['queries']} queries")
     text = table(res_ours, res_base, args.baseline_queries, args, same)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_text(args.out, text)
 
 
 if __name__ == "__main__":
