@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,6 +358,15 @@ VARIANTS = [
 ]
 
 
+def custom_variant(spec: str) -> Variant:
+    """`NAME:KEY=VALUE,KEY=VALUE`: retrain (stages 02-04) with these overrides."""
+    name, _, sets = spec.partition(":")
+    pairs = [s for s in sets.split(",") if s]
+    if not name or not pairs or any("=" not in s for s in pairs):
+        raise argparse.ArgumentTypeError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    return Variant(name, "custom", "02_train", lambda cfg, base: list(pairs))
+
+
 def size_variant(size: int) -> Variant:
     return Variant(f"image_size_{size}", f"train at {size} px", "02_train",
                    lambda cfg, base: [f"train.image_size={size}"])
@@ -375,18 +385,23 @@ def ablation(args: argparse.Namespace) -> str:
         raise UserError("the ablation scores the validation fold: set prepare.fold >= 0")
     runner.stages("00_prepare", "04_submit", base, view, tag=" (base)")
     variants = [v for v in VARIANTS if not args.variants or v.name in args.variants]
-    variants += [size_variant(s) for s in args.sizes]
-    rows = [("base", "the profile as configured", "00-04", validation_of(base), "")]
-    for v in variants:
+    variants += [size_variant(s) for s in args.sizes] + args.custom
+
+    def one(v: Variant) -> tuple:
         reason = v.applies(cfg)
         if reason:
-            rows.append((v.name, v.what, "-", {}, reason))
-            continue
+            return (v.name, v.what, "-", {}, reason)
         target = out / v.name
         copy_upstream(base, target, STAGES[STAGES.index(v.first) - 1])
-        runner.stages(v.first, "04_submit", target, view, v.sets(cfg, base), f" ({v.name})")
+        own = Runner(runner.overlays, runner.sets, target / "bench.log")  # one log per variant
+        own.stages(v.first, "04_submit", target, view, v.sets(cfg, base), f" ({v.name})")
+        runner.times.update(own.times)
         change = ", ".join(f"`{s.replace(str(out) + os.sep, '')}`" for s in v.sets(cfg, base))
-        rows.append((v.name, f"{v.what}: {change}", f"{v.first[:2]}-04", validation_of(target), ""))
+        return (v.name, f"{v.what}: {change}", f"{v.first[:2]}-04", validation_of(target), "")
+
+    # Variants are independent (each its own folder): --jobs N runs N at once (one GPU has room).
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = [("base", "the profile as configured", "00-04", validation_of(base), "")] + list(pool.map(one, variants))
     return "\n".join(ablation_table(args, data, rows, runner) + config_block(cfg, runner.overlays))
 
 
@@ -425,6 +440,10 @@ def parse_args() -> argparse.Namespace:
                    f"{', '.join(v.name for v in VARIANTS)})")
     p.add_argument("--sizes", default="", help="ablation: extra train.image_size variants, e.g. 128,192")
     p.add_argument("--test-limit", type=int, default=0, help="ablation: embed only the first N test images")
+    p.add_argument("--variant", action="append", default=[], dest="custom", type=custom_variant,
+                   metavar="NAME:KEY=VALUE[,KEY=VALUE]", help="ablation: a further variant retrained with these overrides")
+    p.add_argument("--tag", default="", help="suffix of the results file name (runs side by side)")
+    p.add_argument("--jobs", type=int, default=1, help="ablation: variants run at once (GPU: several fit)")
     args = p.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(args.variants) - {v.name for v in VARIANTS})
@@ -448,7 +467,7 @@ def main() -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    path = RESULTS / f"{kind}_{name}_{args.profile}.md"
+    path = RESULTS / f"{kind}_{name}_{args.profile}{'_' + args.tag if args.tag else ''}.md"
     write_text(path, text)
     print(text)
     print(f"wrote {path}")

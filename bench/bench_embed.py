@@ -27,7 +27,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from whaleid.backbone import normalisation  # noqa: E402
 from whaleid.config import load_config  # noqa: E402
 from whaleid.dataset import CropDataset, eval_transform  # noqa: E402
 from whaleid.inference import embed_dataset, resolve_device  # noqa: E402
@@ -55,7 +54,7 @@ def bare_loop(model: torch.nn.Module, n: int, batch: int, size: int, device: tor
     model.eval().to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, size, size, device=device)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)  # as the loader yields
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
 
@@ -77,10 +76,9 @@ def bare_loop(model: torch.nn.Module, n: int, batch: int, size: int, device: tor
     return done / (time.perf_counter() - start)
 
 
-def real_path(model: torch.nn.Module, paths: list[str], args: argparse.Namespace, mean, std,
-              device: torch.device) -> float:
+def real_path(model: torch.nn.Module, paths: list[str], args: argparse.Namespace, device: torch.device) -> float:
     """Images/s of stage 03's path: disk -> CropDataset -> DataLoader -> embed_dataset."""
-    dataset = CropDataset(paths, transform=eval_transform(args.image_size, mean, std))
+    dataset = CropDataset(paths, transform=eval_transform(args.image_size))
     embed_dataset(model, torch.utils.data.Subset(dataset, range(min(len(paths), args.batch_size))),
                   args.batch_size, 0, device, flip=args.flip)  # warm-up
     if device.type == "cuda":
@@ -118,7 +116,6 @@ def main() -> None:
     args.image_size = args.image_size or cfg.train.image_size
     device = resolve_device(args.device)
     model = build_model(cfg, pretrained=False)  # weights do not change the speed
-    mean, std = normalisation(cfg.model.backbone)
     with tempfile.TemporaryDirectory() as tmp:
         if args.crops:
             paths = pd.read_csv(args.crops, dtype=str)["crop_path"].tolist()[: args.n]
@@ -126,7 +123,7 @@ def main() -> None:
         else:
             paths = make_crops(Path(tmp), args.n, cfg.crop.image_size)
             source = f"{len(paths)} generated {cfg.crop.image_size}px JPEG crops"
-        real = real_path(model, paths, args, mean, std, device)
+        real = real_path(model, paths, args, device)
     bare = bare_loop(model, len(paths), args.batch_size, args.image_size, device, args.flip != "none")
     text = "\n".join([
         "# Stage 03 embedding throughput\n",

@@ -18,7 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from whaleid.backbone import normalisation  # noqa: E402
 from whaleid.cli import build_parser  # noqa: E402
 from whaleid.config import Config, load_config  # noqa: E402
 from whaleid.dataset import CropDataset, train_transform  # noqa: E402
@@ -84,10 +83,9 @@ def bench(cfg: Config, steps: int, warmup: int) -> str:
     seed_everything(cfg.seed)
     catalogue, crops, encoders = read_inputs(cfg)
     splits = make_splits(cfg, catalogue, crops, encoders)
-    mean, std = normalisation(cfg.model.backbone)
     dataset = CropDataset(
         splits.train["crop_path"], splits.train["label"], splits.train["species_label"],
-        train_transform(cfg.train.image_size, cfg.train.aug, mean, std),
+        train_transform(cfg.train.image_size, cfg.train.aug),
     )
     loader, _ = train_loader(cfg, dataset, rt)
     model, heads, net = prepare_model(cfg, rt, splits, encoders)
@@ -101,12 +99,16 @@ def bench(cfg: Config, steps: int, warmup: int) -> str:
 
     size = cfg.train.image_size
     fake = (
-        torch.randn(batch, 3, size, size, device=rt.device),
+        torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=rt.device),  # as the loader yields
         torch.randint(0, max(1, len(encoders["individual_id"])), (batch,), device=rt.device),
         torch.randint(0, max(1, len(encoders["species"])), (batch,), device=rt.device),
     )
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
     bare_s = time_steps(_forever([fake]), step, steps, warmup, rt.device)
     real_s = time_steps(_forever(loader), step, steps, warmup, rt.device)
+    peak = (f"Peak GPU memory allocated: {torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB."
+            if rt.device.type == "cuda" else "")
     real, bare = steps * batch / real_s, steps * batch / bare_s
     return "\n".join([
         "# Training throughput (stage 02)",
@@ -122,6 +124,7 @@ def bench(cfg: Config, steps: int, warmup: int) -> str:
         "",
         f"real / bare = {real / bare:.2f}",
         "",
+        *([peak, ""] if peak else []),
     ])
 
 
@@ -129,6 +132,7 @@ def main() -> None:
     p = build_parser(__doc__)
     p.add_argument("--steps", type=int, default=10, help="timed optimiser steps per loop")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (cudnn autotune, allocator)")
+    p.add_argument("--out", default=str(RESULTS), help="results file")
     args = p.parse_args()
     try:
         table = bench(load_config(args.config, args.sets), args.steps, args.warmup)
@@ -136,7 +140,7 @@ def main() -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(table)
-    write_text(RESULTS, table)
+    write_text(Path(args.out), table)
 
 
 if __name__ == "__main__":

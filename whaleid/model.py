@@ -1,8 +1,14 @@
-"""The embedding network: timm backbone -> GeM pooling -> Linear + BatchNorm neck.
+"""The embedding network: timm backbone -> GeM pooling (or flatten) -> Linear + BatchNorm neck.
 
 As in the Happywhale 1st-place solution: GeM pooling of the last feature map, optionally
 concatenated with GeM of an earlier stage (`model.concat_stage`) for finer detail, then a
 Linear -> BatchNorm1d neck whose output is the embedding used for kNN.
+
+`model.pool: flatten` keeps the last feature map's layout instead of pooling it away: the map is
+flattened into the neck's Linear, the "option E" output of ArcFace (Deng et al. 2019, for aligned
+faces). It suits photo sets in one standard pose (the right whale heads), where *where* a mark
+sits identifies the animal; it fixes the input size to `train.image_size`. GeM is the default,
+for animals photographed at any angle and position (Happywhale).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from whaleid.backbone import create_backbone
+from whaleid.backbone import create_backbone, normalisation
 from whaleid.config import Config, config_from_dict
 from whaleid.errors import UserError
 
@@ -39,6 +45,18 @@ class GeM(nn.Module):
         return x.float().clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
+POOLS = ("gem", "flatten")
+
+
+def _last_map_size(backbone: nn.Module, input_size: int) -> tuple[int, int]:
+    """(H, W) of the backbone's last feature map for a square input (one eval-mode pass)."""
+    was_training = backbone.training
+    with torch.no_grad():
+        last = backbone.eval()(torch.zeros(1, 3, input_size, input_size))[-1]
+    backbone.train(was_training)
+    return int(last.shape[-2]), int(last.shape[-1])
+
+
 class EmbeddingModel(nn.Module):
     """Backbone feature maps -> GeM (last stage, plus `concat_stage` if set) -> neck."""
 
@@ -50,27 +68,59 @@ class EmbeddingModel(nn.Module):
         gem_trainable: bool = True,
         concat_stage: int = -1,
         dropout: float = 0.0,
+        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        std: tuple[float, ...] = (0.5, 0.5, 0.5),
+        pool: str = "gem",
+        input_size: int = 0,
     ) -> None:
         super().__init__()
+        # uint8 batches are normalised here, on the model's device: loaders ship 1 byte per pixel
+        # instead of 4 and the arithmetic runs on the GPU. Not persistent: checkpoints are unchanged.
+        self.register_buffer("mean255", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std255", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
         channels = backbone.feature_info.channels()
         if concat_stage != -1 and not 0 <= concat_stage < len(channels) - 1:
             raise UserError(
                 f"model.concat_stage must be -1 or an earlier stage 0..{len(channels) - 2}, got {concat_stage}"
             )
+        if pool not in POOLS:
+            raise UserError(f"model.pool must be one of {list(POOLS)}, got {pool!r}")
         self.backbone = backbone
         self.stages = [len(channels) - 1] + ([concat_stage] if concat_stage != -1 else [])
         self.pools = nn.ModuleList(GeM(gem_p, gem_trainable) for _ in self.stages)
         self.pooled_size = sum(channels[i] for i in self.stages)
+        self.flatten_hw: tuple[int, int] | None = None
+        if pool == "flatten":
+            if input_size < 1:
+                raise UserError("model.pool: flatten needs the input size (train.image_size)")
+            self.flatten_hw = _last_map_size(backbone, input_size)
+            self.pooled_size += channels[-1] * (self.flatten_hw[0] * self.flatten_hw[1] - 1)
         self.neck = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(self.pooled_size, embedding_size),
             nn.BatchNorm1d(embedding_size),
         )
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images (0-255, as `CropDataset` yields them) -> the backbone's normalised float
+        input; a float batch is taken as already normalised and passed through."""
+        if x.dtype == torch.uint8:
+            return (x.float() - self.mean255) / self.std255
+        return x
+
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) GeM-pooled backbone features without the neck (the untrained-features floor)."""
-        maps = self.backbone(x)
-        return torch.cat([pool(maps[i]) for pool, i in zip(self.pools, self.stages)], dim=1)
+        maps = self.backbone(self.normalise(x))
+        feats = [pool(maps[i]) for pool, i in zip(self.pools, self.stages)]
+        if self.flatten_hw is not None:
+            last = maps[self.stages[0]]
+            if tuple(last.shape[-2:]) != self.flatten_hw:
+                raise UserError(
+                    f"model.pool: flatten was built for a {self.flatten_hw} feature map, got {tuple(last.shape[-2:])}: "
+                    "embed at train.image_size (embed.image_size: 0)"
+                )
+            feats[0] = last.float().flatten(1)
+        return torch.cat(feats, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings, not normalised (the heads and kNN normalise)."""
@@ -82,7 +132,11 @@ def build_model(cfg: Config, pretrained: bool = True) -> EmbeddingModel:
     loading a checkpoint, which needs neither the download nor the package)."""
     m = cfg.model
     backbone = create_backbone(m.backbone, m.pretrained if pretrained else "none", features_only=True)
-    return EmbeddingModel(backbone, m.embedding_size, m.gem_p, m.gem_trainable, m.concat_stage, m.dropout)
+    mean, std = normalisation(m.backbone)
+    return EmbeddingModel(
+        backbone, m.embedding_size, m.gem_p, m.gem_trainable, m.concat_stage, m.dropout, mean, std,
+        m.pool, cfg.train.image_size,
+    )
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

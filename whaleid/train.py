@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from whaleid import knn
-from whaleid.backbone import normalisation
 from whaleid.config import Config
 from whaleid.dataset import CropDataset, eval_transform, train_transform
 from whaleid.errors import UserError
@@ -389,11 +388,11 @@ def _embed_sharded(cfg: Config, model: EmbeddingModel, dataset: CropDataset, rt:
     return out
 
 
-def validate(cfg: Config, model: EmbeddingModel, splits: Splits, rt: Runtime, mean: tuple, std: tuple) -> dict:
+def validate(cfg: Config, model: EmbeddingModel, splits: Splits, rt: Runtime) -> dict:
     """MAP@5 overall/known/new and the calibrated new_individual threshold on the validation fold."""
     if splits.queries.empty:
         return NO_VALIDATION
-    tf = eval_transform(cfg.train.image_size, mean, std)
+    tf = eval_transform(cfg.train.image_size)
     gallery = _embed_sharded(cfg, model, CropDataset(splits.gallery["crop_path"], transform=tf), rt, "val gallery")
     queries = _embed_sharded(cfg, model, CropDataset(splits.queries["crop_path"], transform=tf), rt, "val queries")
     result: list[Any] = [None]
@@ -507,8 +506,7 @@ def _run(cfg: Config, resume: bool, rt: Runtime) -> Path:
     stale = check_fresh(Path(cfg.paths.outputs) / "01_crops" / "report.json", "01_detect_crop.py") if rt.main else []
     catalogue, crops, encoders = read_inputs(cfg)
     splits = make_splits(cfg, catalogue, crops, encoders)
-    mean, std = normalisation(cfg.model.backbone)
-    tf = train_transform(cfg.train.image_size, cfg.train.aug, mean, std)
+    tf = train_transform(cfg.train.image_size, cfg.train.aug)
     tf.set_random_seed(cfg.seed + rt.rank)
     dataset = CropDataset(splits.train["crop_path"], splits.train["label"], splits.train["species_label"], tf)
     loader, sampler = train_loader(cfg, dataset, rt)
@@ -529,7 +527,7 @@ def _run(cfg: Config, resume: bool, rt: Runtime) -> Path:
         e0 = time.perf_counter()
         loss, ips = train_epoch(cfg, net, loader, optimizer, scheduler, rt, epoch)
         due = epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs
-        val = validate(cfg, model, splits, rt, mean, std) if due else NO_VALIDATION
+        val = validate(cfg, model, splits, rt) if due else NO_VALIDATION
         history.append({
             "epoch": epoch, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "map5": val["map5"],
             "map5_known": val["map5_known"], "map5_new": val["map5_new"], "threshold": val["threshold"],
