@@ -145,3 +145,20 @@ def test_uint8_batches_are_normalised_on_the_model(cfg) -> None:
         torch.testing.assert_close(model(x8), model(xf), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(model.normalise(xf), xf)
     assert "mean255" not in model.state_dict()  # checkpoints keep their keys
+
+
+def test_flatten_pool_keeps_the_map_layout_and_fixes_the_input_size() -> None:
+    cfg = load_config(sets=["model.pretrained=none", "model.pool=flatten", "train.image_size=64", "model.embedding_size=8"])
+    model = build_model(cfg).eval()
+    channels = model.backbone.feature_info.channels()[-1]
+    assert model.flatten_hw == (2, 2) and model.pooled_size == channels * 4
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = model.backbone(x)[-1]
+        # the pooled vector is the last map itself, cell by cell: no averaging over positions
+        torch.testing.assert_close(model.pooled(x), maps.flatten(1))
+        assert model(x).shape == (2, 8)
+        with pytest.raises(UserError, match="embed.image_size"):
+            model(torch.randn(1, 3, 96, 96))
+    with pytest.raises(UserError, match="model.pool"):
+        build_model(load_config(sets=["model.pretrained=none", "model.pool=max"]))
