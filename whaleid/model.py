@@ -45,6 +45,22 @@ class GeM(nn.Module):
         return x.float().clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
+class FlattenMap(nn.Module):
+    """The feature map itself, cell by cell (float32), for a fixed (H, W): `model.pool: flatten`."""
+
+    def __init__(self, hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.hw = hw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.hw:
+            raise UserError(
+                f"model.pool: flatten was built for a {self.hw} feature map, got {tuple(x.shape[-2:])}: "
+                "embed at train.image_size (embed.image_size: 0)"
+            )
+        return x.float().flatten(1)
+
+
 POOLS = ("gem", "flatten")
 
 
@@ -89,12 +105,12 @@ class EmbeddingModel(nn.Module):
         self.stages = [len(channels) - 1] + ([concat_stage] if concat_stage != -1 else [])
         self.pools = nn.ModuleList(GeM(gem_p, gem_trainable) for _ in self.stages)
         self.pooled_size = sum(channels[i] for i in self.stages)
-        self.flatten_hw: tuple[int, int] | None = None
-        if pool == "flatten":
+        if pool == "flatten":  # the last stage is flattened instead of GeM-pooled
             if input_size < 1:
                 raise UserError("model.pool: flatten needs the input size (train.image_size)")
-            self.flatten_hw = _last_map_size(backbone, input_size)
-            self.pooled_size += channels[-1] * (self.flatten_hw[0] * self.flatten_hw[1] - 1)
+            h, w = _last_map_size(backbone, input_size)
+            self.pools[0] = FlattenMap((h, w))
+            self.pooled_size += channels[-1] * (h * w - 1)
         self.neck = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(self.pooled_size, embedding_size),
@@ -108,19 +124,15 @@ class EmbeddingModel(nn.Module):
             return (x.float() - self.mean255) / self.std255
         return x
 
+    @property
+    def flatten_hw(self) -> tuple[int, int] | None:
+        """(H, W) of the flattened last map, or None with GeM pooling."""
+        return self.pools[0].hw if isinstance(self.pools[0], FlattenMap) else None
+
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, F) GeM-pooled backbone features without the neck (the untrained-features floor)."""
+        """(B, F) pooled (or flattened) backbone features without the neck (the untrained floor)."""
         maps = self.backbone(self.normalise(x))
-        feats = [pool(maps[i]) for pool, i in zip(self.pools, self.stages)]
-        if self.flatten_hw is not None:
-            last = maps[self.stages[0]]
-            if tuple(last.shape[-2:]) != self.flatten_hw:
-                raise UserError(
-                    f"model.pool: flatten was built for a {self.flatten_hw} feature map, got {tuple(last.shape[-2:])}: "
-                    "embed at train.image_size (embed.image_size: 0)"
-                )
-            feats[0] = last.float().flatten(1)
-        return torch.cat(feats, dim=1)
+        return torch.cat([pool(maps[i]) for pool, i in zip(self.pools, self.stages)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings, not normalised (the heads and kNN normalise)."""
