@@ -338,6 +338,11 @@ def _crops_na(cfg: Config) -> str:
     return ""
 
 
+def _k_na(k: int) -> Callable[[Config], str]:
+    """N/A check for a sub-centre variant whose k the base already uses."""
+    return lambda cfg: f"N/A: the base already uses k={k}" if cfg.loss.k == k else ""
+
+
 def _hflip(cfg: Config, base: Path) -> list[str]:
     return [f"train.aug.hflip={0.0 if cfg.train.aug.hflip > 0 else 0.5}"]
 
@@ -346,10 +351,8 @@ VARIANTS = [
     Variant("full_frame", "whole frame instead of the crop", "01_crops", _full_frame, _crops_na),
     Variant("fixed_margin", "fixed ArcFace margin (no dynamic margins)", "02_train",
             lambda cfg, base: ["loss.dynamic_margin=false"]),
-    Variant("subcenter_k1", "plain ArcFace (sub-centres k=1)", "02_train", lambda cfg, base: ["loss.k=1"],
-            lambda cfg: "N/A: the base already uses k=1" if cfg.loss.k == 1 else ""),
-    Variant("subcenter_k3", "sub-centre ArcFace k=3", "02_train", lambda cfg, base: ["loss.k=3"],
-            lambda cfg: "N/A: the base already uses k=3" if cfg.loss.k == 3 else ""),
+    Variant("subcenter_k1", "plain ArcFace (sub-centres k=1)", "02_train", lambda cfg, base: ["loss.k=1"], _k_na(1)),
+    Variant("subcenter_k3", "sub-centre ArcFace k=3", "02_train", lambda cfg, base: ["loss.k=3"], _k_na(3)),
     Variant("hflip_toggled", "horizontal-flip augmentation toggled (0 <-> 0.5)", "02_train", _hflip),
     Variant("no_tta", "no flip TTA (base checkpoint)", "03_embed",
             lambda cfg, base: ["embed.flip_tta=none", f"embed.checkpoint={base / '02_train' / 'best.pt'}"],

@@ -103,14 +103,14 @@ class EmbeddingModel(nn.Module):
             raise UserError(f"model.pool must be one of {list(POOLS)}, got {pool!r}")
         self.backbone = backbone
         self.stages = [len(channels) - 1] + ([concat_stage] if concat_stage != -1 else [])
-        self.pools = nn.ModuleList(GeM(gem_p, gem_trainable) for _ in self.stages)
-        self.pooled_size = sum(channels[i] for i in self.stages)
+        last_pool, last_cells = GeM(gem_p, gem_trainable), 1
         if pool == "flatten":  # the last stage is flattened instead of GeM-pooled
             if input_size < 1:
                 raise UserError("model.pool: flatten needs the input size (train.image_size)")
             h, w = _last_map_size(backbone, input_size)
-            self.pools[0] = FlattenMap((h, w))
-            self.pooled_size += channels[-1] * (h * w - 1)
+            last_pool, last_cells = FlattenMap((h, w)), h * w
+        self.pools = nn.ModuleList([last_pool] + [GeM(gem_p, gem_trainable) for _ in self.stages[1:]])
+        self.pooled_size = channels[-1] * last_cells + sum(channels[i] for i in self.stages[1:])
         self.neck = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(self.pooled_size, embedding_size),
