@@ -287,7 +287,8 @@ def bench(args: argparse.Namespace) -> str:
     if not args.skip_floor:
         floor = out / "floor"
         copy_upstream(out, floor, "01_crops")
-        runner.stages("03_embed", "04_submit", floor, run_data, ["embed.checkpoint=untrained"], " (floor)")
+        runner.stages("03_embed", "04_submit", floor, run_data, ["embed.checkpoint=untrained", "rerank.enabled=false"],
+                       " (floor)")
         rows.append(("untrained floor", validation_of(floor), score_submission(floor / "submission.csv", answers)))
 
     cfg = load_config(runner.overlays, [*runner.sets, f"paths.data={run_data}", f"paths.outputs={out}"])

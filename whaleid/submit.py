@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from whaleid import knn
+from whaleid import knn, rerank
 from whaleid.catalogue import labels_file as answers_file
 from whaleid.catalogue import load_catalogue, load_encoders, resolve_data_dir
 from whaleid.config import Config
@@ -232,7 +232,8 @@ def choose_threshold(cfg: Config, val: dict | None, test_top1: np.ndarray, repor
 # Validation fold
 # ---------------------------------------------------------------------------------------------
 
-def validation_ranking(cfg: Config, emb: Embeddings, rows: pd.DataFrame, label_species: np.ndarray) -> dict | None:
+def validation_ranking(cfg: Config, emb: Embeddings, rows: pd.DataFrame, label_species: np.ndarray,
+                       top: int = 5) -> dict | None:
     """Rank the fold's train images against the other train images; None when there is no fold.
 
     `rows` are the catalogue rows of the train embedding rows, aligned with them.
@@ -245,11 +246,87 @@ def validation_ranking(cfg: Config, emb: Embeddings, rows: pd.DataFrame, label_s
         print(f"note: fold {fold} has no usable validation split among the embedded images; skipping validation")
         return None
     r = rank(emb.train, rows["label"].to_numpy(), np.flatnonzero(~is_query), emb.train[is_query],
-             rows["image"].to_numpy()[is_query], cfg)
+             rows["image"].to_numpy()[is_query], cfg, top)
     truth_rows = rows[is_query].drop_duplicates("image").set_index("image").loc[r.images]
     truth = np.where(truth_rows["fold_new"].to_numpy(), knn.NEW_LABEL, truth_rows["label"].to_numpy())
-    return {"ranking": r, "labels": r.labels, "scores": r.scores, "truth": truth,
+    return {"ranking": r, "labels": r.labels, "scores": r.scores, "truth": truth, "is_query": is_query,
             "species": _predicted_species(r.labels, label_species)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Local-feature re-ranking (whaleid.rerank)
+# ---------------------------------------------------------------------------------------------
+
+def _check_rerank_config(cfg: Config) -> None:
+    r = cfg.rerank
+    if r.candidates < 5:
+        raise UserError(f"rerank.candidates must be at least 5 (the submission's 5 ranks), got {r.candidates}")
+    if r.features < 8 or r.upscale <= 0 or not 0 < r.ratio < 1 or r.ransac_px <= 0:
+        raise UserError("rerank needs features >= 8, upscale > 0, 0 < ratio < 1 and ransac_px > 0; got "
+                        f"features={r.features}, upscale={r.upscale}, ratio={r.ratio}, ransac_px={r.ransac_px}")
+    if not r.weights or any(not isinstance(w, (int, float)) or w < 0 for w in r.weights):
+        raise UserError(f"rerank.weights must be a non-empty list of numbers >= 0, got {r.weights}")
+
+
+def _features_of(cfg: Config, catalogue: pd.DataFrame, keys: list[tuple[str, str]]) -> tuple[dict, list[str]]:
+    """(split, image) -> RootSIFT features of the crop the report shows (stage 01's first source)."""
+    crop_of = _crop_paths(cfg, catalogue)
+    unique = list(dict.fromkeys(keys))
+    paths = [crop_of.get(key) for key in unique]
+    missing = [f"{s}/{i}" for (s, i), p in zip(unique, paths) if p is None]
+    if missing:
+        raise UserError(f"no crop or photo is catalogued for {missing[0]}: rerun 00_prepare_data.py and 01_detect_crop.py")
+    r = cfg.rerank
+    feats, bad = rerank.extract_files(paths, r.features, r.upscale, r.workers)
+    for path in bad[:10]:
+        print(f"warning: cannot read {path}: re-ranked with no local features (embedding score unchanged)")
+    return dict(zip(unique, feats)), bad
+
+
+def rerank_rankings(
+    cfg: Config, catalogue: pd.DataFrame, rows: pd.DataFrame, val: dict | None, test_images: np.ndarray,
+    labels: np.ndarray, scores: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Verify the candidates of the validation and test queries, choose the weight on the fold,
+    re-sort both (val in place); returns the test (labels, scores) and a metrics record."""
+    r = cfg.rerank
+    start = time.time()
+    train_keys = [("train", i) for i in rows["image"]]
+    train_labels = rows["label"].to_numpy()
+    needed = set(np.unique(labels[labels >= 0]))
+    if val is not None:
+        needed |= set(np.unique(val["labels"][val["labels"] >= 0]))
+    gallery_keys = [k for k, code in zip(train_keys, train_labels) if code in needed]
+    val_keys = [("train", i) for i in val["ranking"].images] if val is not None else []
+    feats, bad = _features_of(cfg, catalogue, gallery_keys + val_keys + [("test", i) for i in test_images])
+    empty = rerank.LocalFeatures.empty()
+    gallery = [feats.get(k, empty) for k in train_keys]
+
+    record: dict = {"candidates": r.candidates, "features": r.features, "upscale": r.upscale,
+                    "unreadable": bad[:10], "unreadable_count": len(bad)}
+    weight, how = r.default_weight, "rerank.default_weight (no validation fold)"
+    if val is not None:
+        masked = np.where(val["is_query"], -1, train_labels)  # a fold image never verifies its own fold
+        inl = rerank.candidate_inliers(val["labels"], [feats[k] for k in val_keys], gallery, masked,
+                                       r.ratio, r.ransac_px, desc="verify validation")
+        by_weight = {}
+        for w in r.weights:
+            lab, sc = rerank.apply(val["labels"], val["scores"], inl, w)
+            by_weight[float(w)] = knn.calibrate_threshold(lab, sc, val["truth"])[1]
+        weight = max(by_weight, key=lambda w: (by_weight[w], -w))  # ties: the smaller weight
+        how = f"best validation MAP@5 (threshold calibrated per weight) on fold {cfg.prepare.fold}"
+        if len(r.weights) == 1:
+            how = "rerank.weights (one value)"
+        val["labels"], val["scores"] = rerank.apply(val["labels"], val["scores"], inl, weight)
+        record["validation_map5_by_weight"] = by_weight
+        record["validation_top1_inliers_median"] = float(np.median(inl[:, 0])) if len(inl) else 0.0
+    inl = rerank.candidate_inliers(labels, [feats[("test", i)] for i in test_images], gallery, train_labels,
+                                   r.ratio, r.ransac_px, desc="verify test")
+    labels, scores = rerank.apply(labels, scores, inl, weight)
+    record |= {"weight": float(weight), "how": how, "seconds": round(time.time() - start, 2)}
+    print(f"re-ranked {len(test_images)} test and {len(val_keys)} validation queries by local features: "
+          f"weight {weight} ({how}), {record['seconds']:.0f} s")
+    return labels, scores, record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,6 +600,8 @@ def run(cfg: Config) -> Path:
     """
     start = time.time()
     _check_knn_config(cfg)
+    if cfg.rerank.enabled:
+        _check_rerank_config(cfg)
     embed_dir = Path(cfg.paths.outputs) / STAGE_DIRS["embed"]
     stale = check_fresh(embed_dir / "report.json", EMBED_MADE_BY)
     emb = load_embeddings(embed_dir)
@@ -535,11 +614,18 @@ def run(cfg: Config) -> Path:
     label_species = _species_of_labels(train_cat, len(id_names))
     frequent = train_cat["label"].value_counts(sort=True).index.to_numpy()
 
-    val = validation_ranking(cfg, emb, rows, label_species)
-    top = BLEND_CANDIDATES if cfg.knn.logit_weight > 0 else 5
+    candidates = cfg.rerank.candidates if cfg.rerank.enabled else 5
+    val = validation_ranking(cfg, emb, rows, label_species, candidates)
+    top = max(BLEND_CANDIDATES if cfg.knn.logit_weight > 0 else 5, candidates)
     test_rank = rank(emb.train, train_labels, np.arange(len(emb.train)), emb.test,
                      emb.test_index["image"].to_numpy(), cfg, top)
     labels, scores, blend_note = _blend(cfg, emb, test_rank)
+    rerank_note: dict | str = "off (rerank.enabled = false)"
+    if cfg.rerank.enabled:
+        labels, scores, rerank_note = rerank_rankings(cfg, catalogue, rows, val, test_rank.images,
+                                                      labels[:, :candidates], scores[:, :candidates])
+    if val is not None:
+        val["labels"], val["scores"] = val["labels"][:, :5], val["scores"][:, :5]
     threshold = choose_threshold(cfg, val, scores[:, 0], emb.report)
 
     metrics: dict = {"threshold": {"value": threshold.value, "how": threshold.how, "mode": cfg.knn.new_mode}}
@@ -565,11 +651,13 @@ def run(cfg: Config) -> Path:
     write_csv(out / "pseudo_labels.csv", pseudo)
     metrics["counts"] = _counts(sample, result, test_rank, len(pseudo), len(emb.train))
     metrics["logit_blend"] = blend_note
+    metrics["rerank"] = rerank_note
     metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val, (test_rank, pred, labels, scores),
                                              threshold, answers, id_names)
     metrics["fingerprints"] = {
         "inputs": fingerprint_files(sorted(embed_dir.glob("*_emb.npy")) + sorted(embed_dir.glob("*_index.csv"))),
-        "config": fingerprint_config({"knn": cfg.knn.to_dict(), "fold": cfg.prepare.fold}),
+        "config": fingerprint_config({"knn": cfg.knn.to_dict(), "rerank": cfg.rerank.to_dict(),
+                                      "fold": cfg.prepare.fold}),
     }
     prepared = Path(cfg.paths.outputs) / STAGE_DIRS["prepare"]
     metrics["input_files"] = stage_inputs_record([

@@ -1,0 +1,85 @@
+"""Local-feature re-ranking: known answers for verification and re-sorting, and stage 04 with it on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from whaleid import rerank, submit
+from tests.test_submit import config, make_artifacts
+
+
+def blobs(seed: int, size: int = 160) -> np.ndarray:
+    """A grey image of random bright ellipses on a dark, noisy ground (like callosity patches)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(20, 60, (size, size), dtype=np.uint8)
+    for _ in range(25):
+        centre = tuple(int(v) for v in rng.integers(10, size - 10, 2))
+        axes = tuple(int(v) for v in rng.integers(3, 12, 2))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, int(rng.integers(150, 255)), -1)
+    return cv2.GaussianBlur(img, (3, 3), 0)
+
+
+def moved(img: np.ndarray, angle: float = 12.0, scale: float = 1.1, shift=(6, -4)) -> np.ndarray:
+    h, w = img.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    m[:, 2] += shift
+    return cv2.warpAffine(img, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+
+
+def test_root_sift_is_unit_length_and_non_negative() -> None:
+    d = rerank.root_sift(np.random.default_rng(0).uniform(0, 50, (7, 128)))
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, rtol=1e-5)
+    assert (d >= 0).all()
+
+
+def test_same_marks_moved_verify_and_other_marks_do_not() -> None:
+    a = rerank.extract(blobs(1))
+    same = rerank.extract(moved(blobs(1)))
+    other = rerank.extract(blobs(2))
+    counts = rerank.verify(a, [same, other, rerank.LocalFeatures.empty()], ratio=0.8, ransac_px=4.0)
+    assert counts[0] >= 20, counts
+    assert counts[1] <= 6, counts
+    assert counts[2] == 0
+
+
+def test_apply_resorts_by_known_scores_and_keeps_padding_last() -> None:
+    labels = np.array([[1, 2, 3, -2]])
+    scores = np.array([[0.9, 0.8, 0.7, -np.inf]], dtype=np.float32)
+    inliers = np.array([[0, 20, 0, 0]])
+    out_labels, out_scores = rerank.apply(labels, scores, inliers, weight=0.1, top=4)
+    assert out_labels.tolist() == [[2, 1, 3, -2]]
+    np.testing.assert_allclose(out_scores[0, :3], [0.8 + 0.1 * np.log(21), 0.9, 0.7], rtol=1e-6)
+    assert out_scores[0, 3] == -np.inf
+    same, _ = rerank.apply(labels, scores, inliers, weight=0.0, top=4)
+    assert same.tolist() == labels.tolist()
+
+
+def test_candidate_inliers_takes_the_best_photo_of_each_individual_and_skips_masked_rows() -> None:
+    query = rerank.extract(blobs(1))
+    gallery = [rerank.extract(blobs(5)), rerank.extract(moved(blobs(1))), rerank.extract(blobs(6)),
+               rerank.extract(blobs(1))]
+    gallery_labels = np.array([7, 7, 8, -1])  # row 3 is masked: an identical photo that must not count
+    inl = rerank.candidate_inliers(np.array([[8, 7, -2]]), [query], gallery, gallery_labels, ransac_px=4.0)
+    assert inl.shape == (1, 3)
+    assert inl[0, 1] >= 20 and inl[0, 0] <= 6 and inl[0, 2] == 0
+
+
+def test_stage_04_with_rerank_on_records_the_choice_and_names_unreadable_crops(tmp_path: Path) -> None:
+    make_artifacts(tmp_path)
+    bad = tmp_path / "data" / "test_images" / "te_3.jpg"
+    bad.write_bytes(b"not a jpeg")
+    path = submit.run(config(tmp_path, "rerank.enabled=true", "rerank.candidates=6"))
+    metrics = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())
+    record = metrics["rerank"]
+    # The fixture's photos are flat colours: no keypoints, no evidence, so weight 0 ties best and wins.
+    assert record["weight"] == 0.0
+    assert set(record["validation_map5_by_weight"]) == {"0.0", "0.1", "0.2", "0.3", "0.5"}
+    assert record["unreadable_count"] == 1 and record["unreadable"][0].endswith("te_3.jpg")
+    with_rerank = pd.read_csv(path, dtype=str, keep_default_na=False)
+    plain = pd.read_csv(submit.run(config(tmp_path)), dtype=str, keep_default_na=False)
+    assert with_rerank.equals(plain)

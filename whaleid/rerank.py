@@ -1,0 +1,165 @@
+"""Local-feature re-ranking: geometric verification of the kNN candidates (HotSpotter-style).
+
+The embedding ranks individuals by one global vector per photo. Photo-ID researchers match
+*marks* instead: the same callosity patch, scar or notch seen at the same place. This module
+checks that directly for the few best candidates of each query:
+
+1. RootSIFT keypoints on a contrast-equalised (CLAHE) grey crop, upscaled so that small marks
+   yield keypoints (`upscale`), at most `features` per image.
+2. Each query descriptor is matched to its two nearest descriptors in every gallery photo of the
+   candidate individuals (one batched matrix product per query), kept by Lowe's ratio test.
+3. A similarity transform (rotation, scale, shift) is fitted by RANSAC to the kept matches; its
+   inlier count is the evidence that the two photos show the same marks.
+4. Candidate score = embedding score + `weight` * log(1 + max inliers over that individual's
+   photos). Candidates are re-sorted by it; the new_individual threshold is then calibrated on
+   these scores like any other (stage 04 does it on the validation fold).
+
+Features of an image that cannot be read are empty (zero inliers, score unchanged) and the image
+is reported, never dropped.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+DESC_DIM = 128
+
+
+@dataclass
+class LocalFeatures:
+    """Keypoints (x, y in pixels of the upscaled image) and RootSIFT descriptors of one image."""
+
+    xy: np.ndarray  # (n, 2) float32
+    desc: np.ndarray  # (n, 128) float32, unit length, non-negative
+
+    @classmethod
+    def empty(cls) -> "LocalFeatures":
+        return cls(np.zeros((0, 2), np.float32), np.zeros((0, DESC_DIM), np.float32))
+
+
+def root_sift(desc: np.ndarray) -> np.ndarray:
+    """RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, square root. The result has unit L2
+    norm, so the Hellinger kernel of SIFT histograms becomes a plain dot product."""
+    desc = np.asarray(desc, dtype=np.float32)
+    return np.sqrt(desc / np.maximum(desc.sum(axis=1, keepdims=True), 1e-7))
+
+
+def extract(image: np.ndarray | None, features: int = 1000, upscale: float = 2.0) -> LocalFeatures:
+    """RootSIFT features of a BGR or grey uint8 image (empty for None or a featureless image)."""
+    if image is None or image.size == 0:
+        return LocalFeatures.empty()
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    if upscale != 1.0:
+        grey = cv2.resize(grey, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_CUBIC)
+    grey = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey)
+    keypoints, desc = cv2.SIFT_create(nfeatures=features).detectAndCompute(grey, None)
+    if desc is None or not keypoints:
+        return LocalFeatures.empty()
+    xy = np.array([kp.pt for kp in keypoints], dtype=np.float32)
+    return LocalFeatures(xy, root_sift(desc))
+
+
+def extract_files(paths: Sequence[str], features: int, upscale: float, workers: int = 2,
+                  desc: str = "local features") -> tuple[list[LocalFeatures], list[str]]:
+    """Features of each file (threads: OpenCV releases the GIL), and the paths that could not be read."""
+    def one(path: str) -> LocalFeatures | None:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        return None if image is None else extract(image, features, upscale)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        out = list(tqdm(pool.map(one, paths), total=len(paths), desc=desc, unit="img", leave=False))
+    bad = [str(p) for p, f in zip(paths, out) if f is None]
+    return [LocalFeatures.empty() if f is None else f for f in out], bad
+
+
+def ratio_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float = 0.8) -> list[np.ndarray]:
+    """Lowe's ratio test of `query` descriptors against each gallery descriptor set, in one product.
+
+    Returns, per gallery set, an (m, 2) int array of (query index, gallery index) pairs whose
+    nearest gallery descriptor is closer than `ratio` times the second nearest (L2 distance on unit
+    vectors: d^2 = 2 - 2 cos). A set with fewer than 2 descriptors yields no matches.
+    """
+    import torch
+
+    empty = np.zeros((0, 2), dtype=np.int64)
+    if len(query) == 0 or not gallery:
+        return [empty for _ in gallery]
+    width = max(2, max(len(g) for g in gallery))
+    padded = np.zeros((len(gallery), width, DESC_DIM), dtype=np.float32)
+    valid = np.zeros((len(gallery), width), dtype=bool)
+    for i, g in enumerate(gallery):
+        padded[i, : len(g)] = g
+        valid[i, : len(g)] = True
+    sim = torch.from_numpy(query) @ torch.from_numpy(padded.reshape(-1, DESC_DIM)).T
+    sim = sim.view(len(query), len(gallery), width)
+    sim.masked_fill_(~torch.from_numpy(valid)[None], -3.0)  # below any real cosine: never chosen
+    top, idx = sim.topk(2, dim=2)
+    d1, d2 = (2.0 - 2.0 * top[..., 0]).clamp_min(0), (2.0 - 2.0 * top[..., 1]).clamp_min(0)
+    good = (d1 < (ratio ** 2) * d2) & (top[..., 1] > -2.0)  # the second neighbour must be real
+    good, idx = good.numpy(), idx[..., 0].numpy()
+    out = []
+    for i in range(len(gallery)):
+        q = np.flatnonzero(good[:, i])
+        out.append(np.stack([q, idx[q, i]], axis=1) if len(q) else empty)
+    return out
+
+
+def count_inliers(src: np.ndarray, dst: np.ndarray, ransac_px: float) -> int:
+    """Inliers of a RANSAC similarity transform src -> dst (0 with fewer than 3 matches)."""
+    if len(src) < 3:
+        return 0
+    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=ransac_px,
+                                          maxIters=500, confidence=0.99)
+    return 0 if mask is None else int(mask.sum())
+
+
+def verify(query: LocalFeatures, gallery: list[LocalFeatures], ratio: float = 0.8,
+           ransac_px: float = 8.0) -> np.ndarray:
+    """Geometric-verification inlier count of `query` against each gallery image."""
+    pairs = ratio_matches(query.desc, [g.desc for g in gallery], ratio)
+    return np.array([count_inliers(query.xy[p[:, 0]], g.xy[p[:, 1]], ransac_px)
+                     for p, g in zip(pairs, gallery)], dtype=np.int64)
+
+
+def combine(scores: np.ndarray, inliers: np.ndarray, weight: float) -> np.ndarray:
+    """Re-ranking score: embedding score + weight * log(1 + inliers)."""
+    return np.asarray(scores, dtype=np.float32) + np.float32(weight) * np.log1p(inliers).astype(np.float32)
+
+
+def candidate_inliers(
+    labels: np.ndarray, query_feats: Sequence[LocalFeatures], gallery_feats: Sequence[LocalFeatures],
+    gallery_labels: np.ndarray, ratio: float = 0.8, ransac_px: float = 8.0, desc: str = "verify",
+) -> np.ndarray:
+    """(Q, C) inlier counts: for each query and candidate individual (`labels`, codes < 0 are
+    padding and get 0), the best geometric verification over that individual's gallery images."""
+    labels = np.asarray(labels)
+    gallery_labels = np.asarray(gallery_labels)
+    order = np.argsort(gallery_labels, kind="stable")
+    sorted_labels = gallery_labels[order]
+    out = np.zeros(labels.shape, dtype=np.int64)
+    for q in tqdm(range(len(labels)), desc=desc, unit="query", leave=False):
+        rows = []
+        for code in labels[q]:
+            lo, hi = np.searchsorted(sorted_labels, [code, code + 1]) if code >= 0 else (0, 0)
+            rows.append(order[lo:hi])
+        flat = np.concatenate(rows)
+        counts = verify(query_feats[q], [gallery_feats[i] for i in flat], ratio, ransac_px)
+        ends = np.cumsum([len(r) for r in rows])
+        for j, (r, end) in enumerate(zip(rows, ends)):
+            if len(r):
+                out[q, j] = counts[end - len(r) : end].max()
+    return out
+
+
+def apply(labels: np.ndarray, scores: np.ndarray, inliers: np.ndarray, weight: float,
+          top: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates re-sorted by `combine` (padding, score -inf, stays last): (labels, scores), (Q, top)."""
+    new = np.where(np.isfinite(scores), combine(scores, inliers, weight), -np.inf).astype(np.float32)
+    order = np.argsort(-new, axis=1, kind="stable")[:, :top]
+    return np.take_along_axis(np.asarray(labels), order, axis=1), np.take_along_axis(new, order, axis=1)
