@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from whaleid import rerank, submit
 from tests.test_submit import config, make_artifacts
+from whaleid import rerank, submit
 
 
 def blobs(seed: int, size: int = 160) -> np.ndarray:

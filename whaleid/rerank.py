@@ -20,9 +20,9 @@ is reported, never dropped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -39,7 +39,7 @@ class LocalFeatures:
     desc: np.ndarray  # (n, 128) float32, unit length, non-negative
 
     @classmethod
-    def empty(cls) -> "LocalFeatures":
+    def empty(cls) -> LocalFeatures:
         return cls(np.zeros((0, 2), np.float32), np.zeros((0, DESC_DIM), np.float32))
 
 
