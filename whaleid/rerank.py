@@ -50,7 +50,7 @@ def root_sift(desc: np.ndarray) -> np.ndarray:
     return np.sqrt(desc / np.maximum(desc.sum(axis=1, keepdims=True), 1e-7))
 
 
-def extract(image: np.ndarray | None, features: int = 1000, upscale: float = 2.0) -> LocalFeatures:
+def extract(image: np.ndarray | None, features: int = 500, upscale: float = 1.5) -> LocalFeatures:
     """RootSIFT features of a BGR or grey uint8 image (empty for None or a featureless image)."""
     if image is None or image.size == 0:
         return LocalFeatures.empty()
@@ -120,7 +120,7 @@ def count_inliers(src: np.ndarray, dst: np.ndarray, ransac_px: float) -> int:
 
 
 def verify(query: LocalFeatures, gallery: list[LocalFeatures], ratio: float = 0.8,
-           ransac_px: float = 8.0) -> np.ndarray:
+           ransac_px: float = 6.0) -> np.ndarray:
     """Geometric-verification inlier count of `query` against each gallery image."""
     pairs = ratio_matches(query.desc, [g.desc for g in gallery], ratio)
     return np.array([count_inliers(query.xy[p[:, 0]], g.xy[p[:, 1]], ransac_px)
@@ -134,7 +134,7 @@ def combine(scores: np.ndarray, inliers: np.ndarray, weight: float) -> np.ndarra
 
 def candidate_inliers(
     labels: np.ndarray, query_feats: Sequence[LocalFeatures], gallery_feats: Sequence[LocalFeatures],
-    gallery_labels: np.ndarray, ratio: float = 0.8, ransac_px: float = 8.0, desc: str = "verify",
+    gallery_labels: np.ndarray, ratio: float = 0.8, ransac_px: float = 6.0, desc: str = "verify",
 ) -> np.ndarray:
     """(Q, C) inlier counts: for each query and candidate individual (`labels`, codes < 0 are
     padding and get 0), the best geometric verification over that individual's gallery images."""

@@ -314,9 +314,8 @@ def rerank_rankings(
             lab, sc = rerank.apply(val["labels"], val["scores"], inl, w)
             by_weight[float(w)] = knn.calibrate_threshold(lab, sc, val["truth"])[1]
         weight = max(by_weight, key=lambda w: (by_weight[w], -w))  # ties: the smaller weight
-        how = f"best validation MAP@5 (threshold calibrated per weight) on fold {cfg.prepare.fold}"
-        if len(r.weights) == 1:
-            how = "rerank.weights (one value)"
+        how = ("rerank.weights (one value)" if len(r.weights) == 1 else
+               f"best validation MAP@5 (threshold calibrated per weight) on fold {cfg.prepare.fold}")
         val["labels"], val["scores"] = rerank.apply(val["labels"], val["scores"], inl, weight)
         record["validation_map5_by_weight"] = by_weight
         record["validation_top1_inliers_median"] = float(np.median(inl[:, 0])) if len(inl) else 0.0
@@ -624,8 +623,8 @@ def run(cfg: Config) -> Path:
     if cfg.rerank.enabled:
         labels, scores, rerank_note = rerank_rankings(cfg, catalogue, rows, val, test_rank.images,
                                                       labels[:, :candidates], scores[:, :candidates])
-    if val is not None:
-        val["labels"], val["scores"] = val["labels"][:, :5], val["scores"][:, :5]
+        if val is not None:  # the top-1 individual may have changed, and with it its species
+            val["species"] = _predicted_species(val["labels"], label_species)
     threshold = choose_threshold(cfg, val, scores[:, 0], emb.report)
 
     metrics: dict = {"threshold": {"value": threshold.value, "how": threshold.how, "mode": cfg.knn.new_mode}}
