@@ -37,6 +37,30 @@ def test_root_sift_is_unit_length_and_non_negative() -> None:
     assert (d >= 0).all()
 
 
+def test_descriptors_are_stored_as_uint8_and_match_like_float_ones() -> None:
+    d = rerank.root_sift(np.random.default_rng(0).uniform(0, 50, (7, 128)))
+    stored = rerank.quantize(d)
+    assert stored.dtype == np.uint8
+    assert np.abs(rerank.as_float(stored) - d).max() <= 0.5 / 255 + 1e-7
+    a, b = rerank.extract(blobs(1)), rerank.extract(moved(blobs(1)))
+    assert a.desc.dtype == np.uint8 and len(a.desc) > 50
+    from_uint8 = rerank.ratio_matches(a.desc, [b.desc], 0.8)[0]
+    from_float = rerank.ratio_matches(rerank.as_float(a.desc), [rerank.as_float(b.desc)], 0.8)[0]
+    np.testing.assert_array_equal(from_uint8, from_float)
+
+
+def test_ratio_test_on_hand_made_descriptors() -> None:
+    e = np.eye(128, dtype=np.float32)
+    query = e[[0, 1]]
+    # For query 0 the nearest is e0 (d=0) and the second e2 (d^2=2): kept. Query 1's two nearest
+    # are both at d^2 = 1 (e1 mixed with e3 or e4 at equal weight): ratio 1, dropped.
+    mix = np.sqrt(0.5).astype(np.float32)
+    gallery = np.stack([e[2], e[0], mix * (e[1] + e[3]), mix * (e[1] + e[4])])
+    pairs = rerank.ratio_matches(query, [gallery, gallery[:1]], 0.8)
+    assert pairs[0].tolist() == [[0, 1]]
+    assert pairs[1].tolist() == []  # one descriptor: no second neighbour, no match
+
+
 def test_same_marks_moved_verify_and_other_marks_do_not() -> None:
     a = rerank.extract(blobs(1))
     same = rerank.extract(moved(blobs(1)))
@@ -69,6 +93,23 @@ def test_candidate_inliers_takes_the_best_photo_of_each_individual_and_skips_mas
     assert inl[0, 1] >= 20 and inl[0, 0] <= 6 and inl[0, 2] == 0
 
 
+def test_candidate_inliers_with_a_photo_limit_verifies_the_photos_closest_by_embedding() -> None:
+    query = rerank.extract(blobs(1))
+    gallery = [rerank.extract(blobs(5)), rerank.extract(moved(blobs(1)))]  # both of individual 7
+    gallery_labels = np.array([7, 7])
+    query_emb = np.array([[1.0, 0.0]], dtype=np.float32)
+    kwargs = {"ransac_px": 4.0, "photos": 1, "query_emb": query_emb}
+    # The matching photo is the closer one by embedding: verified.
+    near = rerank.candidate_inliers(np.array([[7]]), [query], gallery, gallery_labels,
+                                    gallery_emb=np.array([[0.0, 1.0], [1.0, 0.0]], np.float32), **kwargs)
+    # It is the farther one: only the other photo is verified, so no evidence.
+    far = rerank.candidate_inliers(np.array([[7]]), [query], gallery, gallery_labels,
+                                   gallery_emb=np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), **kwargs)
+    every = rerank.candidate_inliers(np.array([[7]]), [query], gallery, gallery_labels, ransac_px=4.0)
+    assert near[0, 0] >= 20 and every[0, 0] == near[0, 0]
+    assert far[0, 0] <= 6
+
+
 def test_stage_04_with_rerank_on_records_the_choice_and_names_unreadable_crops(tmp_path: Path) -> None:
     make_artifacts(tmp_path)
     bad = tmp_path / "data" / "test_images" / "te_3.jpg"
@@ -83,3 +124,28 @@ def test_stage_04_with_rerank_on_records_the_choice_and_names_unreadable_crops(t
     with_rerank = pd.read_csv(path, dtype=str, keep_default_na=False)
     plain = pd.read_csv(submit.run(config(tmp_path)), dtype=str, keep_default_na=False)
     assert with_rerank.equals(plain)
+
+
+def test_image_embeddings_average_the_rows_of_each_image_in_the_order_asked() -> None:
+    vectors = np.array([[1, 0], [0, 1], [3, 4]], dtype=np.float32)  # rows: a, a (flipped), b
+    out = submit._image_embeddings(vectors, np.array(["a", "a", "b"]), np.array(["b", "a"]))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [np.sqrt(0.5), np.sqrt(0.5)]], rtol=1e-6)
+
+
+def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks_to_first(tmp_path: Path) -> None:
+    make_artifacts(tmp_path)
+    plain = pd.read_csv(submit.run(config(tmp_path)), dtype=str, keep_default_na=False)
+    first = dict(zip(plain["image"], plain["predictions"].str.split()))["te_0.jpg"]
+    # A lower-ranked individual of te_0 gets photos with te_0's marks (moved): only the local
+    # features can know, so only re-ranking can put it first.
+    other = next(p for p in first[1:] if p not in (first[0], "new_individual"))
+    data = tmp_path / "data"
+    cv2.imwrite(str(data / "test_images" / "te_0.jpg"), moved(blobs(1)))
+    for j in range(3):
+        cv2.imwrite(str(data / "train_images" / f"tr_{int(other[2:])}_{j}.jpg"), blobs(1))
+    sets = ("rerank.enabled=true", "rerank.candidates=6", "rerank.weights=[0.3]")
+    path = submit.run(config(tmp_path, *sets))
+    reranked = dict(zip(*pd.read_csv(path, dtype=str, keep_default_na=False).T.values))
+    assert reranked["te_0.jpg"].split()[0] == other
+    record = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())["rerank"]
+    assert record["weight"] == 0.3 and record["how"] == "rerank.weights (one value)"

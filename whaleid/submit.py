@@ -261,9 +261,10 @@ def _check_rerank_config(cfg: Config) -> None:
     r = cfg.rerank
     if r.candidates < 5:
         raise UserError(f"rerank.candidates must be at least 5 (the submission's 5 ranks), got {r.candidates}")
-    if r.features < 8 or r.upscale <= 0 or not 0 < r.ratio < 1 or r.ransac_px <= 0:
-        raise UserError("rerank needs features >= 8, upscale > 0, 0 < ratio < 1 and ransac_px > 0; got "
-                        f"features={r.features}, upscale={r.upscale}, ratio={r.ratio}, ransac_px={r.ransac_px}")
+    if r.features < 8 or r.upscale <= 0 or not 0 < r.ratio < 1 or r.ransac_px <= 0 or r.photos < 0:
+        raise UserError("rerank needs features >= 8, upscale > 0, 0 < ratio < 1, ransac_px > 0 and photos >= 0; "
+                        f"got features={r.features}, upscale={r.upscale}, ratio={r.ratio}, ransac_px={r.ransac_px}, "
+                        f"photos={r.photos}")
     if not r.weights or any(not isinstance(w, (int, float)) or w < 0 for w in r.weights):
         raise UserError(f"rerank.weights must be a non-empty list of numbers >= 0, got {r.weights}")
 
@@ -283,32 +284,49 @@ def _features_of(cfg: Config, catalogue: pd.DataFrame, keys: list[tuple[str, str
     return dict(zip(unique, feats)), bad
 
 
+def _image_embeddings(vectors: np.ndarray, row_images: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """One unit vector per image of `images`: the mean of its embedding rows (flips, crop sources)."""
+    codes, unique = pd.factorize(pd.Series(row_images))
+    sums = np.zeros((len(unique), vectors.shape[1]), dtype=np.float32)
+    np.add.at(sums, codes, vectors)
+    return knn.l2_normalize(sums[pd.Index(unique).get_indexer(images)])
+
+
 def rerank_rankings(
-    cfg: Config, catalogue: pd.DataFrame, rows: pd.DataFrame, val: dict | None, test_images: np.ndarray,
-    labels: np.ndarray, scores: np.ndarray,
+    cfg: Config, catalogue: pd.DataFrame, emb: Embeddings, rows: pd.DataFrame, val: dict | None,
+    test_images: np.ndarray, labels: np.ndarray, scores: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Verify the candidates of the validation and test queries, choose the weight on the fold,
     re-sort both (val in place); returns the test (labels, scores) and a metrics record."""
     r = cfg.rerank
     start = time.time()
-    train_keys = [("train", i) for i in rows["image"]]
-    train_labels = rows["label"].to_numpy()
+    # The gallery is one entry per train image (its embedding rows may be several: flips, sources).
+    first = ~rows["image"].duplicated().to_numpy()
+    gallery_images = rows["image"].to_numpy()[first]
+    gallery_labels = rows["label"].to_numpy()[first]
+    gallery_emb = _image_embeddings(emb.train, rows["image"].to_numpy(), gallery_images)
     needed = set(np.unique(labels[labels >= 0]))
     if val is not None:
         needed |= set(np.unique(val["labels"][val["labels"] >= 0]))
-    gallery_keys = [k for k, code in zip(train_keys, train_labels) if code in needed]
-    val_keys = [("train", i) for i in val["ranking"].images] if val is not None else []
-    feats, bad = _features_of(cfg, catalogue, gallery_keys + val_keys + [("test", i) for i in test_images])
+    gallery_keys = [("train", i) for i in gallery_images]
+    val_images = val["ranking"].images if val is not None else np.array([], dtype=object)
+    val_keys = [("train", i) for i in val_images]
+    feats, bad = _features_of(cfg, catalogue, [k for k, code in zip(gallery_keys, gallery_labels) if code in needed]
+                              + val_keys + [("test", i) for i in test_images])
     empty = rerank.LocalFeatures.empty()
-    gallery = [feats.get(k, empty) for k in train_keys]
+    gallery = [feats.get(k, empty) for k in gallery_keys]
+    verify = {"ratio": r.ratio, "ransac_px": r.ransac_px, "photos": r.photos, "gallery_emb": gallery_emb}
 
-    record: dict = {"candidates": r.candidates, "features": r.features, "upscale": r.upscale,
+    record: dict = {"candidates": r.candidates, "features": r.features, "upscale": r.upscale, "photos": r.photos,
                     "unreadable": bad[:10], "unreadable_count": len(bad)}
     weight, how = r.default_weight, "rerank.default_weight (no validation fold)"
     if val is not None:
-        masked = np.where(val["is_query"], -1, train_labels)  # a fold image never verifies its own fold
+        in_fold = set(rows["image"][val["is_query"]])
+        masked = np.where([i in in_fold for i in gallery_images], -1, gallery_labels)  # never its own fold
         inl = rerank.candidate_inliers(val["labels"], [feats[k] for k in val_keys], gallery, masked,
-                                       r.ratio, r.ransac_px, desc="verify validation")
+                                       desc="verify validation",
+                                       query_emb=_image_embeddings(emb.train, rows["image"].to_numpy(), val_images),
+                                       **verify)
         by_weight = {}
         for w in r.weights:
             lab, sc = rerank.apply(val["labels"], val["scores"], inl, w)
@@ -319,8 +337,9 @@ def rerank_rankings(
         val["labels"], val["scores"] = rerank.apply(val["labels"], val["scores"], inl, weight)
         record["validation_map5_by_weight"] = by_weight
         record["validation_top1_inliers_median"] = float(np.median(inl[:, 0])) if len(inl) else 0.0
-    inl = rerank.candidate_inliers(labels, [feats[("test", i)] for i in test_images], gallery, train_labels,
-                                   r.ratio, r.ransac_px, desc="verify test")
+    test_emb = _image_embeddings(emb.test, emb.test_index["image"].to_numpy(), test_images)
+    inl = rerank.candidate_inliers(labels, [feats[("test", i)] for i in test_images], gallery, gallery_labels,
+                                   desc="verify test", query_emb=test_emb, **verify)
     labels, scores = rerank.apply(labels, scores, inl, weight)
     record |= {"weight": float(weight), "how": how, "seconds": round(time.time() - start, 2)}
     print(f"re-ranked {len(test_images)} test and {len(val_keys)} validation queries by local features: "
@@ -621,7 +640,7 @@ def run(cfg: Config) -> Path:
     labels, scores, blend_note = _blend(cfg, emb, test_rank)
     rerank_note: dict | str = "off (rerank.enabled = false)"
     if cfg.rerank.enabled:
-        labels, scores, rerank_note = rerank_rankings(cfg, catalogue, rows, val, test_rank.images,
+        labels, scores, rerank_note = rerank_rankings(cfg, catalogue, emb, rows, val, test_rank.images,
                                                       labels[:, :candidates], scores[:, :candidates])
         if val is not None:  # the top-1 individual may have changed, and with it its species
             val["species"] = _predicted_species(val["labels"], label_species)
