@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 
 from tests.test_submit import config, make_artifacts
 from whaleid import rerank, submit
@@ -44,9 +45,18 @@ def test_descriptors_are_stored_as_uint8_and_match_like_float_ones() -> None:
     assert np.abs(rerank.as_float(stored) - d).max() <= 0.5 / 255 + 1e-7
     a, b = rerank.extract(blobs(1)), rerank.extract(moved(blobs(1)))
     assert a.desc.dtype == np.uint8 and len(a.desc) > 50
-    from_uint8 = rerank.ratio_matches(a.desc, [b.desc], 0.8)[0]
-    from_float = rerank.ratio_matches(rerank.as_float(a.desc), [rerank.as_float(b.desc)], 0.8)[0]
-    np.testing.assert_array_equal(from_uint8, from_float)
+
+    def unquantised(img: np.ndarray) -> np.ndarray:  # extract()'s steps, RootSIFT left as float
+        grey = cv2.resize(img, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_CUBIC)
+        grey = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey)
+        return rerank.root_sift(cv2.SIFT_create(nfeatures=500).detectAndCompute(grey, None)[1])
+
+    fa, fb = unquantised(blobs(1)), unquantised(moved(blobs(1)))
+    assert len(fa) == len(a.desc) and len(fb) == len(b.desc)
+    from_uint8 = {tuple(p) for p in rerank.ratio_matches(a.desc, [b.desc], 0.8)[0]}
+    from_float = {tuple(p) for p in rerank.ratio_matches(fa, [fb], 0.8)[0]}
+    assert len(from_float) >= 30
+    assert len(from_uint8 & from_float) >= 0.95 * len(from_float)
 
 
 def test_ratio_test_on_hand_made_descriptors() -> None:
@@ -59,6 +69,12 @@ def test_ratio_test_on_hand_made_descriptors() -> None:
     pairs = rerank.ratio_matches(query, [gallery, gallery[:1]], 0.8)
     assert pairs[0].tolist() == [[0, 1]]
     assert pairs[1].tolist() == []  # one descriptor: no second neighbour, no match
+    # Descriptors that are not unit length (quantised ones are not quite): true L2 distances.
+    # Nearest of e0 is 0.8 e0 + 0.6 e1 (d^2 = 0.40), second 0.3 e0 (d^2 = 0.49): ratio 0.9, dropped.
+    # (2 - 2 cos-style dot products would call the second 1.4 away and keep the match.)
+    short = np.stack([0.3 * e[0], 0.8 * e[0] + 0.6 * e[1], e[2]])
+    assert rerank.ratio_matches(e[[0]], [short], 0.8)[0].tolist() == []
+    assert rerank.ratio_matches(e[[0]], [short], 0.95)[0].tolist() == [[0, 1]]
 
 
 def test_same_marks_moved_verify_and_other_marks_do_not() -> None:
@@ -108,6 +124,11 @@ def test_candidate_inliers_with_a_photo_limit_verifies_the_photos_closest_by_emb
     every = rerank.candidate_inliers(np.array([[7]]), [query], gallery, gallery_labels, ransac_px=4.0)
     assert near[0, 0] >= 20 and every[0, 0] == near[0, 0]
     assert far[0, 0] <= 6
+    # The closest photo has no features (an unreadable crop): it does not use up the one slot.
+    unreadable = [rerank.LocalFeatures.empty(), gallery[1]]
+    skipped = rerank.candidate_inliers(np.array([[7]]), [query], unreadable, gallery_labels,
+                                       gallery_emb=np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), **kwargs)
+    assert skipped[0, 0] == near[0, 0]
 
 
 def test_stage_04_with_rerank_on_records_the_choice_and_names_unreadable_crops(tmp_path: Path) -> None:
@@ -130,9 +151,14 @@ def test_image_embeddings_average_the_rows_of_each_image_in_the_order_asked() ->
     vectors = np.array([[1, 0], [0, 1], [3, 4]], dtype=np.float32)  # rows: a, a (flipped), b
     out = submit._image_embeddings(vectors, np.array(["a", "a", "b"]), np.array(["b", "a"]))
     np.testing.assert_allclose(out, [[0.6, 0.8], [np.sqrt(0.5), np.sqrt(0.5)]], rtol=1e-6)
+    with pytest.raises(ValueError, match="no embedding row for image c"):
+        submit._image_embeddings(vectors, np.array(["a", "a", "b"]), np.array(["c"]))
 
 
-def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks_to_first(tmp_path: Path) -> None:
+@pytest.mark.parametrize("photos", [0, 1])
+def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks_to_first(
+    tmp_path: Path, photos: int,
+) -> None:
     make_artifacts(tmp_path)
     plain = pd.read_csv(submit.run(config(tmp_path)), dtype=str, keep_default_na=False)
     first = dict(zip(plain["image"], plain["predictions"].str.split()))["te_0.jpg"]
@@ -143,7 +169,7 @@ def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks
     cv2.imwrite(str(data / "test_images" / "te_0.jpg"), moved(blobs(1)))
     for j in range(3):
         cv2.imwrite(str(data / "train_images" / f"tr_{int(other[2:])}_{j}.jpg"), blobs(1))
-    sets = ("rerank.enabled=true", "rerank.candidates=6", "rerank.weights=[0.3]")
+    sets = ("rerank.enabled=true", "rerank.candidates=6", "rerank.weights=[0.3]", f"rerank.photos={photos}")
     path = submit.run(config(tmp_path, *sets))
     reranked = dict(zip(*pd.read_csv(path, dtype=str, keep_default_na=False).T.values))
     assert reranked["te_0.jpg"].split()[0] == other

@@ -289,7 +289,10 @@ def _image_embeddings(vectors: np.ndarray, row_images: np.ndarray, images: np.nd
     codes, unique = pd.factorize(pd.Series(row_images))
     sums = np.zeros((len(unique), vectors.shape[1]), dtype=np.float32)
     np.add.at(sums, codes, vectors)
-    return knn.l2_normalize(sums[pd.Index(unique).get_indexer(images)])
+    where = pd.Index(unique).get_indexer(images)
+    if (where < 0).any():
+        raise ValueError(f"no embedding row for image {np.asarray(images)[where < 0][0]}")
+    return knn.l2_normalize(sums[where])
 
 
 def rerank_rankings(
