@@ -112,7 +112,7 @@ class Detector:
         self.cfg = det_cfg
         self.device = device
         self.backbone = create_backbone(det_cfg.backbone, det_cfg.pretrained, features_only=True)
-        self.backbone.eval().requires_grad_(False).to(device)
+        self.backbone.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
         fine, coarse = self.backbone.feature_info.channels()[-2:]
         self.head = BoxHead(fine, coarse).to(device)
         self.mean, self.std = normalisation(det_cfg.backbone)
@@ -120,7 +120,7 @@ class Detector:
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stride-16 and stride-32 features of a normalised batch (bf16 autocast on CUDA)."""
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             maps = self.backbone(images)
         return maps[-2].float(), maps[-1].float()

@@ -57,8 +57,7 @@ def embed_dataset(
         raise UserError(f"unknown flip mode {flip!r}; valid: {list(FLIPS)}")
     cuda = device.type == "cuda"
     model.eval().to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # faster on CUDA and on the CPU (oneDNN)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=cuda, persistent_workers=False,
@@ -68,8 +67,7 @@ def embed_dataset(
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
     for images, *_ in bar:
         x = images.to(device, non_blocking=True)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and cuda):
             views = [_embed_batch(model, x, raw)]
             if flip != "none":
