@@ -308,6 +308,7 @@ def rerank_rankings(
     gallery_images = rows["image"].to_numpy()[first]
     gallery_labels = rows["label"].to_numpy()[first]
     gallery_emb = _image_embeddings(emb.train, rows["image"].to_numpy(), gallery_images)
+    gallery_pos = pd.Index(gallery_images)
     needed = set(np.unique(labels[labels >= 0]))
     if val is not None:
         needed |= set(np.unique(val["labels"][val["labels"] >= 0]))
@@ -318,18 +319,16 @@ def rerank_rankings(
                               + val_keys + [("test", i) for i in test_images])
     empty = rerank.LocalFeatures.empty()
     gallery = [feats.get(k, empty) for k in gallery_keys]
-    verify = {"ratio": r.ratio, "ransac_px": r.ransac_px, "photos": r.photos, "gallery_emb": gallery_emb}
+    opts = {"ratio": r.ratio, "ransac_px": r.ransac_px, "photos": r.photos, "gallery_emb": gallery_emb}
 
     record: dict = {"candidates": r.candidates, "features": r.features, "upscale": r.upscale, "photos": r.photos,
                     "unreadable": bad[:10], "unreadable_count": len(bad)}
     weight, how = r.default_weight, "rerank.default_weight (no validation fold)"
     if val is not None:
-        in_fold = set(rows["image"][val["is_query"]])
-        masked = np.where([i in in_fold for i in gallery_images], -1, gallery_labels)  # never its own fold
+        masked = np.where(val["is_query"][first], -1, gallery_labels)  # a fold image never verifies its fold
         inl = rerank.candidate_inliers(val["labels"], [feats[k] for k in val_keys], gallery, masked,
                                        desc="verify validation",
-                                       query_emb=_image_embeddings(emb.train, rows["image"].to_numpy(), val_images),
-                                       **verify)
+                                       query_emb=gallery_emb[gallery_pos.get_indexer(val_images)], **opts)
         by_weight = {}
         for w in r.weights:
             lab, sc = rerank.apply(val["labels"], val["scores"], inl, w)
@@ -342,7 +341,7 @@ def rerank_rankings(
         record["validation_top1_inliers_median"] = float(np.median(inl[:, 0])) if len(inl) else 0.0
     test_emb = _image_embeddings(emb.test, emb.test_index["image"].to_numpy(), test_images)
     inl = rerank.candidate_inliers(labels, [feats[("test", i)] for i in test_images], gallery, gallery_labels,
-                                   desc="verify test", query_emb=test_emb, **verify)
+                                   desc="verify test", query_emb=test_emb, **opts)
     labels, scores = rerank.apply(labels, scores, inl, weight)
     record |= {"weight": float(weight), "how": how, "seconds": round(time.time() - start, 2)}
     print(f"re-ranked {len(test_images)} test and {len(val_keys)} validation queries by local features: "
