@@ -48,9 +48,7 @@ def main() -> None:
     eval_s = {name: 0.0 for name in FORMATS}
 
     def train_step(batch: torch.Tensor) -> None:
-        out = model(batch)
-        out = out[0] if isinstance(out, tuple) else out
-        out.float().pow(2).mean().backward()
+        model(batch).float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

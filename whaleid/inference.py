@@ -56,8 +56,7 @@ def embed_dataset(
     if flip not in FLIPS:
         raise UserError(f"unknown flip mode {flip!r}; valid: {list(FLIPS)}")
     cuda = device.type == "cuda"
-    model.eval().to(device)
-    model.to(memory_format=torch.channels_last)  # faster on CUDA and on the CPU (oneDNN)
+    model.eval().to(device, memory_format=torch.channels_last)  # faster on CUDA and on the CPU (oneDNN)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=cuda, persistent_workers=False,

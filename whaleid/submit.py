@@ -308,7 +308,6 @@ def rerank_rankings(
     gallery_images = rows["image"].to_numpy()[first]
     gallery_labels = rows["label"].to_numpy()[first]
     gallery_emb = _image_embeddings(emb.train, rows["image"].to_numpy(), gallery_images)
-    gallery_pos = pd.Index(gallery_images)
     needed = set(np.unique(labels[labels >= 0]))
     if val is not None:
         needed |= set(np.unique(val["labels"][val["labels"] >= 0]))
@@ -328,7 +327,7 @@ def rerank_rankings(
         masked = np.where(val["is_query"][first], -1, gallery_labels)  # a fold image never verifies its fold
         inl = rerank.candidate_inliers(val["labels"], [feats[k] for k in val_keys], gallery, masked,
                                        desc="verify validation",
-                                       query_emb=gallery_emb[gallery_pos.get_indexer(val_images)], **opts)
+                                       query_emb=gallery_emb[pd.Index(gallery_images).get_indexer(val_images)], **opts)
         by_weight = {}
         for w in r.weights:
             lab, sc = rerank.apply(val["labels"], val["scores"], inl, w)
