@@ -131,6 +131,19 @@ def test_candidate_inliers_with_a_photo_limit_verifies_the_photos_closest_by_emb
     assert skipped[0, 0] == near[0, 0]
 
 
+def test_a_mirrored_photo_verifies_only_through_the_mirrored_query_features(tmp_path: Path) -> None:
+    # The gallery photo shows the query's marks seen from the other side (mirrored, then moved).
+    cv2.imwrite(str(tmp_path / "q.png"), blobs(1))
+    (plain,), _ = rerank.extract_files([str(tmp_path / "q.png")], 500, 1.5, workers=1)
+    (mirror,), _ = rerank.extract_files([str(tmp_path / "q.png")], 500, 1.5, workers=1, mirror=True)
+    gallery = [rerank.extract(moved(cv2.flip(blobs(1), 1))), rerank.extract(moved(blobs(1)))]
+    labels = np.array([7, 8])
+    one_view = rerank.candidate_inliers(np.array([[7, 8]]), [plain], gallery, labels, ransac_px=4.0)
+    both = rerank.candidate_inliers(np.array([[7, 8]]), [plain], gallery, labels, ransac_px=4.0, mirrored=[mirror])
+    assert one_view[0, 0] <= 6 and both[0, 0] >= 20  # the mirrored side is found only with the mirror view
+    assert both[0, 1] == one_view[0, 1] >= 20  # the same side still verifies, unchanged
+
+
 def test_stage_04_with_rerank_on_records_the_choice_and_names_unreadable_crops(tmp_path: Path) -> None:
     make_artifacts(tmp_path)
     bad = tmp_path / "data" / "test_images" / "te_3.jpg"
@@ -155,9 +168,9 @@ def test_image_embeddings_average_the_rows_of_each_image_in_the_order_asked() ->
         submit._image_embeddings(vectors, np.array(["a", "a", "b"]), np.array(["c"]))
 
 
-@pytest.mark.parametrize("photos", [0, 1])
+@pytest.mark.parametrize(("photos", "mirror"), [(0, False), (1, False), (0, True)])
 def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks_to_first(
-    tmp_path: Path, photos: int,
+    tmp_path: Path, photos: int, mirror: bool,
 ) -> None:
     make_artifacts(tmp_path)
     plain = pd.read_csv(submit.run(config(tmp_path)), dtype=str, keep_default_na=False)
@@ -166,12 +179,21 @@ def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks
     # features can know, so only re-ranking can put it first.
     other = next(p for p in first[1:] if p not in (first[0], "new_individual"))
     data = tmp_path / "data"
-    cv2.imwrite(str(data / "test_images" / "te_0.jpg"), moved(blobs(1)))
+    # In the mirror case the query shows the other side: its marks mirrored.
+    query = moved(cv2.flip(blobs(1), 1) if mirror else blobs(1))
+    cv2.imwrite(str(data / "test_images" / "te_0.jpg"), query)
     for j in range(3):
         cv2.imwrite(str(data / "train_images" / f"tr_{int(other[2:])}_{j}.jpg"), blobs(1))
-    sets = ("rerank.enabled=true", "rerank.candidates=6", "rerank.weights=[0.3]", f"rerank.photos={photos}")
-    path = submit.run(config(tmp_path, *sets))
-    reranked = dict(zip(*pd.read_csv(path, dtype=str, keep_default_na=False).T.values))
-    assert reranked["te_0.jpg"].split()[0] == other
+
+    def top(with_mirror: bool) -> str:
+        sets = ("rerank.enabled=true", "rerank.candidates=6", "rerank.weights=[0.1]", f"rerank.photos={photos}",
+                f"rerank.mirror={str(with_mirror).lower()}")
+        path = submit.run(config(tmp_path, *sets))
+        return dict(zip(*pd.read_csv(path, dtype=str, keep_default_na=False).T.values))["te_0.jpg"].split()[0]
+
+    assert top(mirror) == other
     record = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())["rerank"]
-    assert record["weight"] == 0.3 and record["how"] == "rerank.weights (one value)"
+    assert record["weight"] == 0.1 and record["how"] == "rerank.weights (one value)"
+    assert record["mirror"] is mirror
+    if mirror:  # the mirrored side is found only by matching the query's mirror image
+        assert top(False) != other

@@ -82,10 +82,13 @@ def extract(image: np.ndarray | None, features: int = 500, upscale: float = 1.5)
 
 
 def extract_files(paths: Sequence[str], features: int, upscale: float, workers: int = 2,
-                  desc: str = "local features") -> tuple[list[LocalFeatures], list[str]]:
-    """Features of each file (threads: OpenCV releases the GIL), and the paths that could not be read."""
+                  desc: str = "local features", mirror: bool = False) -> tuple[list[LocalFeatures], list[str]]:
+    """Features of each file (threads: OpenCV releases the GIL), and the paths that could not be read.
+    With `mirror`, the features of the left-right mirrored image (keypoints in its own frame)."""
     def one(path: str) -> LocalFeatures | None:
         image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is not None and mirror:
+            image = cv2.flip(image, 1)
         return None if image is None else extract(image, features, upscale)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -158,12 +161,15 @@ def candidate_inliers(
     labels: np.ndarray, query_feats: Sequence[LocalFeatures], gallery_feats: Sequence[LocalFeatures],
     gallery_labels: np.ndarray, ratio: float = 0.8, ransac_px: float = 6.0, desc: str = "verify",
     photos: int = 0, query_emb: np.ndarray | None = None, gallery_emb: np.ndarray | None = None,
+    mirrored: Sequence[LocalFeatures] | None = None,
 ) -> np.ndarray:
     """(Q, C) inlier counts: for each query and candidate individual (`labels`, codes < 0 are
     padding and get 0), the best geometric verification over that individual's gallery images.
 
     With `photos` > 0 and the embeddings given (unit rows aligned with the queries and the gallery),
-    only each individual's `photos` gallery images most similar to the query are verified.
+    only each individual's `photos` gallery images most similar to the query are verified. With
+    `mirrored` (the features of each query's mirror image), a gallery image counts the better of
+    the two views: a fin photographed from its other side shows its trailing-edge notches mirrored.
     """
     labels = np.asarray(labels)
     gallery_labels = np.asarray(gallery_labels)
@@ -181,7 +187,10 @@ def candidate_inliers(
                 r = r[np.argsort(-sims, kind="stable")[:photos]]
             rows.append(r)
         flat = np.concatenate(rows)
-        counts = verify(query_feats[q], [gallery_feats[i] for i in flat], ratio, ransac_px)
+        candidates = [gallery_feats[i] for i in flat]
+        counts = verify(query_feats[q], candidates, ratio, ransac_px)
+        if mirrored is not None:
+            counts = np.maximum(counts, verify(mirrored[q], candidates, ratio, ransac_px))
         ends = np.cumsum([len(r) for r in rows])
         for j, (r, end) in enumerate(zip(rows, ends)):
             if len(r):

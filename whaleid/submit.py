@@ -269,8 +269,10 @@ def _check_rerank_config(cfg: Config) -> None:
         raise UserError(f"rerank.weights must be a non-empty list of numbers >= 0, got {r.weights}")
 
 
-def _features_of(cfg: Config, catalogue: pd.DataFrame, keys: list[tuple[str, str]]) -> tuple[dict, list[str]]:
-    """(split, image) -> RootSIFT features of the crop the report shows (stage 01's first source)."""
+def _features_of(cfg: Config, catalogue: pd.DataFrame, keys: list[tuple[str, str]],
+                 mirror: bool = False) -> tuple[dict, list[str]]:
+    """(split, image) -> RootSIFT features of the crop the report shows (stage 01's first source),
+    or of its mirror image."""
     crop_of = _crop_paths(cfg, catalogue)
     unique = list(dict.fromkeys(keys))
     paths = [crop_of.get(key) for key in unique]
@@ -278,7 +280,8 @@ def _features_of(cfg: Config, catalogue: pd.DataFrame, keys: list[tuple[str, str
     if missing:
         raise UserError(f"no crop or photo is catalogued for {missing[0]}: rerun 00_prepare_data.py and 01_detect_crop.py")
     r = cfg.rerank
-    feats, bad = rerank.extract_files(paths, r.features, r.upscale, r.workers)
+    feats, bad = rerank.extract_files(paths, r.features, r.upscale, r.workers, mirror=mirror,
+                                      desc="local features (mirrored)" if mirror else "local features")
     for path in bad[:10]:
         print(f"warning: cannot read {path}: re-ranked with no local features (embedding score unchanged)")
     return dict(zip(unique, feats)), bad
@@ -319,14 +322,19 @@ def rerank_rankings(
     empty = rerank.LocalFeatures.empty()
     gallery = [feats.get(k, empty) for k in gallery_keys]
     opts = {"ratio": r.ratio, "ransac_px": r.ransac_px, "photos": r.photos, "gallery_emb": gallery_emb}
+    # Queries are also matched as their mirror image (rerank.mirror): either side of a fin.
+    mirrored = (_features_of(cfg, catalogue, val_keys + [("test", i) for i in test_images], mirror=True)[0]
+                if r.mirror else {})
 
     record: dict = {"candidates": r.candidates, "features": r.features, "upscale": r.upscale, "photos": r.photos,
+                    "mirror": bool(r.mirror),
                     "unreadable": bad[:10], "unreadable_count": len(bad)}
     weight, how = r.default_weight, "rerank.default_weight (no validation fold)"
     if val is not None:
         masked = np.where(val["is_query"][first], -1, gallery_labels)  # a fold image never verifies its fold
         inl = rerank.candidate_inliers(val["labels"], [feats[k] for k in val_keys], gallery, masked,
                                        desc="verify validation",
+                                       mirrored=[mirrored[k] for k in val_keys] if r.mirror else None,
                                        query_emb=gallery_emb[pd.Index(gallery_images).get_indexer(val_images)], **opts)
         by_weight = {}
         for w in r.weights:
@@ -340,7 +348,8 @@ def rerank_rankings(
         record["validation_top1_inliers_median"] = float(np.median(inl[:, 0])) if len(inl) else 0.0
     test_emb = _image_embeddings(emb.test, emb.test_index["image"].to_numpy(), test_images)
     inl = rerank.candidate_inliers(labels, [feats[("test", i)] for i in test_images], gallery, gallery_labels,
-                                   desc="verify test", query_emb=test_emb, **opts)
+                                   desc="verify test", query_emb=test_emb, **opts,
+                                   mirrored=[mirrored[("test", i)] for i in test_images] if r.mirror else None)
     labels, scores = rerank.apply(labels, scores, inl, weight)
     record |= {"weight": float(weight), "how": how, "seconds": round(time.time() - start, 2)}
     print(f"re-ranked {len(test_images)} test and {len(val_keys)} validation queries by local features: "
