@@ -110,19 +110,23 @@ def ratio_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float = 0
     empty = np.zeros((0, 2), dtype=np.int64)
     if len(query) == 0 or not gallery:
         return [empty for _ in gallery]
-    width = max(2, max(len(g) for g in gallery))
-    padded = np.zeros((len(gallery), width, DESC_DIM), dtype=np.float32)
-    valid = np.zeros((len(gallery), width), dtype=bool)
+    lengths = [len(g) for g in gallery]
+    width = max(2, max(lengths))
+    dtype = np.uint8 if all(np.asarray(g).dtype == np.uint8 for g in gallery) else np.float32
+    padded = np.zeros((len(gallery), width, DESC_DIM), dtype=dtype)
     for i, g in enumerate(gallery):
-        padded[i, : len(g)] = as_float(g)
-        valid[i, : len(g)] = True
+        padded[i, : len(g)] = g if dtype == np.uint8 else as_float(g)
+    g = torch.from_numpy(padded.reshape(-1, DESC_DIM)).float()
+    if dtype == np.uint8:
+        g.div_(QUANT)
     q = torch.from_numpy(as_float(query))
-    g = torch.from_numpy(padded.reshape(-1, DESC_DIM))
     # Half the squared distance, shifted by |q|^2/2 (the same for every gallery descriptor of a
-    # query descriptor, so it does not change which is nearest): |g|^2/2 - q.g; padding never wins.
-    half = (0.5 * (g * g).sum(1)) - q @ g.T
-    half = half.view(len(query), len(gallery), width)
-    half.masked_fill_(~torch.from_numpy(valid)[None], float("inf"))
+    # query descriptor, so it does not change which is nearest): |g|^2/2 - q.g, in one fused
+    # product; padding never wins.
+    half = torch.addmm(0.5 * (g * g).sum(1)[None], q, g.T, alpha=-1.0).view(len(query), len(gallery), width)
+    if min(lengths) < width:
+        valid = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+        half.masked_fill_(~valid[None], float("inf"))
     low, idx = half.topk(2, dim=2, largest=False)
     qn = 0.5 * (q * q).sum(1)[:, None]
     d1, d2 = (2.0 * (low[..., 0] + qn)).clamp_min(0), (2.0 * (low[..., 1] + qn)).clamp_min(0)
