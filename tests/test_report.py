@@ -49,3 +49,19 @@ def test_write_report_png_and_html(tmp_path: Path) -> None:
     assert page.count("data:image/jpeg;base64,") == 12  # 2 queries + 10 candidates, embedded
     assert "new_individual" in page and "a note" in page and "rgb(40,170,60)" in page
     assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_reranked_tiles_show_their_inlier_count(tmp_path: Path) -> None:
+    rows = _rows(tmp_path)
+    plain = write_report(rows, tmp_path / "plain", "plain")
+    assert "inliers" not in Path(plain["html"]).read_text()
+    rows[0].tiles[1].inliers = 23
+    rows[0].tiles[0].inliers = 0
+    page = Path(write_report(rows, tmp_path / "reranked", "reranked")["html"]).read_text()
+    assert "23 inliers" in page and "0 inliers" in page and page.count(" inliers") == 2
+    # The third caption line of rank 2 (write_report's 128 px tiles) has ink only when re-ranked.
+    x0, y0, cell = 6 + 2 * (138 + 6), 26 + 6, 138
+    band = (slice(y0 + cell + 13 + 30 - 10, y0 + cell + 13 + 30 + 3), slice(x0, x0 + cell))
+    reranked_sheet = cv2.imread(str(tmp_path / "reranked" / "contact_sheet.png"), cv2.IMREAD_GRAYSCALE)
+    plain_sheet = cv2.imread(plain["png"], cv2.IMREAD_GRAYSCALE)
+    assert (reranked_sheet[band] < 100).sum() > 20 and (plain_sheet[band] < 100).sum() == 0

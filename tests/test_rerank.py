@@ -91,11 +91,12 @@ def test_apply_resorts_by_known_scores_and_keeps_padding_last() -> None:
     labels = np.array([[1, 2, 3, -2]])
     scores = np.array([[0.9, 0.8, 0.7, -np.inf]], dtype=np.float32)
     inliers = np.array([[0, 20, 0, 0]])
-    out_labels, out_scores = rerank.apply(labels, scores, inliers, weight=0.1, top=4)
+    out_labels, out_scores, out_inliers = rerank.apply(labels, scores, inliers, weight=0.1, top=4)
     assert out_labels.tolist() == [[2, 1, 3, -2]]
+    assert out_inliers.tolist() == [[20, 0, 0, 0]]
     np.testing.assert_allclose(out_scores[0, :3], [0.8 + 0.1 * np.log(21), 0.9, 0.7], rtol=1e-6)
     assert out_scores[0, 3] == -np.inf
-    same, _ = rerank.apply(labels, scores, inliers, weight=0.0, top=4)
+    same, _, _ = rerank.apply(labels, scores, inliers, weight=0.0, top=4)
     assert same.tolist() == labels.tolist()
 
 
@@ -195,5 +196,7 @@ def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks
     record = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())["rerank"]
     assert record["weight"] == 0.1 and record["how"] == "rerank.weights (one value)"
     assert record["mirror"] is mirror
+    page = (tmp_path / "out" / "04_submit" / "report.html").read_text()
+    assert " inliers" in page  # the report shows each candidate's verification evidence
     if mirror:  # the mirrored side is found only by matching the query's mirror image
         assert top(False) != other

@@ -1,7 +1,8 @@
 """The visual report of stage 04: each query crop beside its 5 ranked candidates.
 
 A candidate tile shows a gallery crop of the predicted individual (its best-matching image), the
-id and the score; `new_individual` is a labelled grey tile. When the answer is known the tile of
+id and the score, and after local-feature re-ranking the inlier count of its best-verified photo
+(the marks that one transform maps onto the query's); `new_individual` is a labelled grey tile. When the answer is known the tile of
 the true id is framed green and the others red. Two files: `contact_sheet.png` (composed with
 OpenCV, no display needed) and `report.html` (thumbnails embedded as base64, so the page still
 works when copied elsewhere alone).
@@ -30,7 +31,7 @@ MISSING_TILE = (215, 215, 215)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 BORDER = 5
 PAD = 6
-CAPTION = 34
+CAPTION = 49
 HEADER = 26
 
 
@@ -43,6 +44,7 @@ class Tile:
     score: float | None
     path: str | None
     correct: bool | None = None
+    inliers: int | None = None  # local-feature re-ranking evidence (None: not re-ranked)
 
 
 @dataclass
@@ -83,19 +85,27 @@ def _fit(text: str, width: int, scale: float = 0.38) -> str:
 
 
 def _cell(thumb: np.ndarray, colour: tuple[int, int, int], lines: list[str]) -> np.ndarray:
-    """A framed thumbnail with up to two caption lines below it, on white."""
+    """A framed thumbnail with up to three caption lines below it, on white."""
     size = thumb.shape[0]
     w = size + 2 * BORDER
     cell = np.full((w + CAPTION, w, 3), 255, dtype=np.uint8)
     cell[:w, :w] = colour
     cell[BORDER:BORDER + size, BORDER:BORDER + size] = thumb
-    for i, line in enumerate(lines[:2]):
+    for i, line in enumerate(lines[:3]):
         cv2.putText(cell, _fit(line, w - 2), (2, w + 13 + 15 * i), FONT, 0.38, (20, 20, 20), 1, cv2.LINE_AA)
     return cell
 
 
 def _score_text(score: float | None) -> str:
     return "" if score is None or not np.isfinite(score) else f"score {score:.3f}"
+
+
+def _tile_lines(tile: Tile) -> list[str]:
+    """Caption lines of a candidate: id, score, and the re-ranking inliers when there are any."""
+    lines = [tile.label, _score_text(tile.score)]
+    if tile.inliers is not None:
+        lines.append(f"{tile.inliers} inliers")
+    return lines
 
 
 def _row_cells(row: QueryRow, size: int) -> list[np.ndarray]:
@@ -105,7 +115,7 @@ def _row_cells(row: QueryRow, size: int) -> list[np.ndarray]:
     for tile in row.tiles:
         placeholder = tile.label if tile.path is None else "missing"
         cells.append(_cell(_thumbnail(tile.path, size, placeholder), _frame_colour(tile.correct),
-                           [tile.label, _score_text(tile.score)]))
+                           _tile_lines(tile)))
     return cells
 
 
@@ -143,7 +153,7 @@ def render_html(rows: list[QueryRow], title: str, notes: list[str], size: int = 
         cells = [_html_cell(row.path, BLUE, [f"query {row.image}", f"truth {row.truth}" if row.truth else ""],
                             size, "missing")]
         for tile in row.tiles:
-            cells.append(_html_cell(tile.path, _frame_colour(tile.correct), [tile.label, _score_text(tile.score)],
+            cells.append(_html_cell(tile.path, _frame_colour(tile.correct), _tile_lines(tile),
                                     size, tile.label if tile.path is None else "missing"))
         body.append("<tr>" + "".join(cells) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ["query"] + [f"rank {i + 1}" for i in range(5)])

@@ -203,8 +203,9 @@ def candidate_inliers(
 
 
 def apply(labels: np.ndarray, scores: np.ndarray, inliers: np.ndarray, weight: float,
-          top: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates re-sorted by `combine` (padding, score -inf, stays last): (labels, scores), (Q, top)."""
+          top: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates re-sorted by `combine` (padding, score -inf, stays last): (labels, scores,
+    inliers), each (Q, top)."""
     new = np.where(np.isfinite(scores), combine(scores, inliers, weight), -np.inf).astype(np.float32)
     order = np.argsort(-new, axis=1, kind="stable")[:, :top]
-    return np.take_along_axis(np.asarray(labels), order, axis=1), np.take_along_axis(new, order, axis=1)
+    return tuple(np.take_along_axis(np.asarray(a), order, axis=1) for a in (labels, new, inliers))

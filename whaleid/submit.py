@@ -301,9 +301,10 @@ def _image_embeddings(vectors: np.ndarray, row_images: np.ndarray, images: np.nd
 def rerank_rankings(
     cfg: Config, catalogue: pd.DataFrame, emb: Embeddings, rows: pd.DataFrame, val: dict | None,
     test_images: np.ndarray, labels: np.ndarray, scores: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, dict]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Verify the candidates of the validation and test queries, choose the weight on the fold,
-    re-sort both (val in place); returns the test (labels, scores) and a metrics record."""
+    re-sort both (val in place, with its inlier counts as val["inliers"]); returns the test
+    (labels, scores, inlier counts), re-sorted, and a metrics record."""
     r = cfg.rerank
     start = time.time()
     # The gallery is one entry per train image (its embedding rows may be several: flips, sources).
@@ -338,23 +339,23 @@ def rerank_rankings(
                                        query_emb=gallery_emb[pd.Index(gallery_images).get_indexer(val_images)], **opts)
         by_weight = {}
         for w in r.weights:
-            lab, sc = rerank.apply(val["labels"], val["scores"], inl, w)
+            lab, sc, _ = rerank.apply(val["labels"], val["scores"], inl, w)
             by_weight[float(w)] = knn.calibrate_threshold(lab, sc, val["truth"])[1]
         weight = max(by_weight, key=lambda w: (by_weight[w], -w))  # ties: the smaller weight
         how = ("rerank.weights (one value)" if len(r.weights) == 1 else
                f"best validation MAP@5 (threshold calibrated per weight) on fold {cfg.prepare.fold}")
-        val["labels"], val["scores"] = rerank.apply(val["labels"], val["scores"], inl, weight)
+        val["labels"], val["scores"], val["inliers"] = rerank.apply(val["labels"], val["scores"], inl, weight)
         record["validation_map5_by_weight"] = by_weight
         record["validation_top1_inliers_median"] = float(np.median(inl[:, 0])) if len(inl) else 0.0
     test_emb = _image_embeddings(emb.test, emb.test_index["image"].to_numpy(), test_images)
     inl = rerank.candidate_inliers(labels, [feats[("test", i)] for i in test_images], gallery, gallery_labels,
                                    desc="verify test", query_emb=test_emb, **opts,
                                    mirrored=[mirrored[("test", i)] for i in test_images] if r.mirror else None)
-    labels, scores = rerank.apply(labels, scores, inl, weight)
+    labels, scores, inl = rerank.apply(labels, scores, inl, weight)
     record |= {"weight": float(weight), "how": how, "seconds": round(time.time() - start, 2)}
     print(f"re-ranked {len(test_images)} test and {len(val_keys)} validation queries by local features: "
           f"weight {weight} ({how}), {record['seconds']:.0f} s")
-    return labels, scores, record
+    return labels, scores, inl, record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,8 +507,10 @@ def _crop_paths(cfg: Config, catalogue: pd.DataFrame) -> dict[tuple[str, str], s
 def _candidate_tiles(
     r: Ranking, q: int, codes: np.ndarray, labels: np.ndarray, scores: np.ndarray, threshold: float,
     train_images: np.ndarray, train_labels: np.ndarray, crop_of: dict, id_names: list[str], truth: str | None,
+    inliers: np.ndarray | None = None,
 ) -> list[Tile]:
-    """Tiles of query `q`: per predicted code its best-matching gallery crop and score."""
+    """Tiles of query `q`: per predicted code its best-matching gallery crop and score (and, after
+    re-ranking, the inlier count of its best-verified photo; `inliers` aligned with `labels`)."""
     nbr_labels = train_labels[r.gallery_rows[np.clip(r.nbr_index[q], 0, None)]]
     tiles = []
     for code in codes:
@@ -519,14 +522,17 @@ def _candidate_tiles(
         hits = np.flatnonzero((nbr_labels == code) & (r.nbr_index[q] >= 0))
         row = r.gallery_rows[r.nbr_index[q][hits[0]]] if len(hits) else np.flatnonzero(train_labels == code)[0]
         score = scores[q][labels[q] == code]
+        verified = inliers[q][labels[q] == code] if inliers is not None else []
         tiles.append(Tile(name, float(score[0]) if len(score) else None,
-                          crop_of.get(("train", train_images[row])), correct))
+                          crop_of.get(("train", train_images[row])), correct,
+                          int(verified[0]) if len(verified) else None))
     return tiles
 
 
 def report_rows(
     cfg: Config, source: str, r: Ranking, pred: np.ndarray, labels: np.ndarray, scores: np.ndarray,
     threshold: float, truth: list[str | None], rows: pd.DataFrame, crop_of: dict, id_names: list[str],
+    inliers: np.ndarray | None = None,
 ) -> list[QueryRow]:
     """QueryRows for a seeded random sample of `knn.report_queries` queries of one ranking."""
     rng = np.random.default_rng(cfg.seed)
@@ -537,7 +543,7 @@ def report_rows(
     return [
         QueryRow(str(r.images[q]), crop_of.get((split, r.images[q])), truth[q],
                  _candidate_tiles(r, q, pred[q], labels, scores, threshold, train_images, train_labels,
-                                  crop_of, id_names, truth[q]))
+                                  crop_of, id_names, truth[q], inliers))
         for q in chosen
     ]
 
@@ -585,20 +591,23 @@ def _validation_metrics(val: dict, threshold: Threshold, id_names: list[str], fo
 
 def _write_visual_report(
     cfg: Config, out: Path, catalogue: pd.DataFrame, rows: pd.DataFrame, val: dict | None,
-    test: tuple[Ranking, np.ndarray, np.ndarray, np.ndarray], threshold: Threshold,
+    test: tuple[Ranking, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], threshold: Threshold,
     answers: pd.Series | None, id_names: list[str],
 ) -> dict:
-    """Show test queries, marked when answers exist; else validation queries (always marked)."""
+    """Show test queries, marked when answers exist; else validation queries (always marked).
+    `test` is (ranking, predictions, candidate labels, scores, inlier counts or None)."""
     crop_of = _crop_paths(cfg, catalogue)
-    r, pred, labels, scores = test
+    r, pred, labels, scores, inliers = test
     if answers is None and val is not None:
         source = "validation"
         r, pred, labels, scores = val["ranking"], val["pred"], val["labels"], val["scores"]
+        inliers = val.get("inliers")
         truth = list(val["truth_ids"])
     else:
         source = "test"
         truth = [answers.get(i) if answers is not None else None for i in r.images]
-    qrows = report_rows(cfg, source, r, pred, labels, scores, threshold.value, truth, rows, crop_of, id_names)
+    qrows = report_rows(cfg, source, r, pred, labels, scores, threshold.value, truth, rows, crop_of, id_names,
+                        inliers)
     notes = [f"{len(qrows)} {source} queries (seeded sample); new_individual threshold {threshold.value:.4f} "
              f"({threshold.how}); the new_individual tile shows the threshold as its score."]
     paths = write_report(qrows, out, f"whaleid stage 04: {source} queries", notes)
@@ -649,8 +658,9 @@ def run(cfg: Config) -> Path:
                      emb.test_index["image"].to_numpy(), cfg, top)
     labels, scores, blend_note = _blend(cfg, emb, test_rank)
     rerank_note: dict | str = "off (rerank.enabled = false)"
+    inliers = None
     if cfg.rerank.enabled:
-        labels, scores, rerank_note = rerank_rankings(cfg, catalogue, emb, rows, val, test_rank.images,
+        labels, scores, inliers, rerank_note = rerank_rankings(cfg, catalogue, emb, rows, val, test_rank.images,
                                                       labels[:, :candidates], scores[:, :candidates])
         if val is not None:  # the top-1 individual may have changed, and with it its species
             val["species"] = _predicted_species(val["labels"], label_species)
@@ -680,7 +690,7 @@ def run(cfg: Config) -> Path:
     metrics["counts"] = _counts(sample, result, test_rank, len(pseudo), len(emb.train))
     metrics["logit_blend"] = blend_note
     metrics["rerank"] = rerank_note
-    metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val, (test_rank, pred, labels, scores),
+    metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val, (test_rank, pred, labels, scores, inliers),
                                              threshold, answers, id_names)
     metrics["fingerprints"] = {
         "inputs": fingerprint_files(sorted(embed_dir.glob("*_emb.npy")) + sorted(embed_dir.glob("*_index.csv"))),
