@@ -2,10 +2,10 @@
 
 A candidate tile shows a gallery crop of the predicted individual (its best-matching image), the
 id and the score, and after local-feature re-ranking the inlier count of its best-verified photo
-(the marks that one transform maps onto the query's); `new_individual` is a labelled grey tile. When the answer is known the tile of
-the true id is framed green and the others red. Two files: `contact_sheet.png` (composed with
-OpenCV, no display needed) and `report.html` (thumbnails embedded as base64, so the page still
-works when copied elsewhere alone).
+(the marks that one transform maps onto the query's); `new_individual` is a labelled grey tile.
+When the answer is known the tile of the true id is framed green and the others red. Two files:
+`contact_sheet.png` (composed with OpenCV, no display needed) and `report.html` (thumbnails
+embedded as base64, so the page still works when copied elsewhere alone).
 """
 
 from __future__ import annotations
