@@ -282,7 +282,7 @@ def _features_of(cfg: Config, catalogue: pd.DataFrame, keys: list[tuple[str, str
     r = cfg.rerank
     feats, bad = rerank.extract_files(paths, r.features, r.upscale, r.workers, mirror=mirror,
                                       desc="local features (mirrored)" if mirror else "local features")
-    for path in bad[:10]:
+    for path in [] if mirror else bad[:10]:  # a mirrored pass re-reads images already reported
         print(f"warning: cannot read {path}: re-ranked with no local features (embedding score unchanged)")
     return dict(zip(unique, feats)), bad
 
@@ -346,8 +346,8 @@ def rerank_rankings(
                f"best validation MAP@5 (threshold calibrated per weight) on fold {cfg.prepare.fold}")
         val["labels"], val["scores"], val["inliers"] = rerank.apply(val["labels"], val["scores"], inl, weight)
         record["validation_map5_by_weight"] = by_weight
-        top1 = val["inliers"][:, 0] if len(inl) else np.zeros(0)  # of the re-ranked first candidate
-        record["validation_top1_inliers_median"] = float(np.median(top1)) if len(top1) else 0.0
+        # inliers of the re-ranked first candidate
+        record["validation_top1_inliers_median"] = float(np.median(val["inliers"][:, 0])) if len(inl) else 0.0
     test_emb = _image_embeddings(emb.test, emb.test_index["image"].to_numpy(), test_images)
     inl = rerank.candidate_inliers(labels, [feats[("test", i)] for i in test_images], gallery, gallery_labels,
                                    desc="verify test", query_emb=test_emb, **opts,
