@@ -12,6 +12,7 @@ import pytest
 
 from tests.test_submit import config, make_artifacts
 from whaleid import rerank, submit
+from whaleid.errors import UserError
 
 
 def blobs(seed: int, size: int = 160) -> np.ndarray:
@@ -85,6 +86,31 @@ def test_same_marks_moved_verify_and_other_marks_do_not() -> None:
     assert counts[0] >= 20, counts
     assert counts[1] <= 6, counts
     assert counts[2] == 0
+
+
+def test_translation_inliers_on_hand_made_matches() -> None:
+    src = np.array([[0, 0], [10, 0], [0, 10], [50, 50], [20, 20], [7, 7]], dtype=np.float32)
+    shift = np.array([[3, 4], [3, 4], [3.5, 4], [3, 5], [-20, 9], [30, 30]], dtype=np.float32)
+    # Four matches agree on a shift of about (3, 4) within 1.5 px; the last two are outliers.
+    assert rerank.count_translation_inliers(src, src + shift, 1.5) == 4
+    assert rerank.count_translation_inliers(src, src + shift, 0.6) == 3  # (3.5, 4) and (3, 5) are 0.5 and 1 off
+    assert rerank.count_translation_inliers(src, src + shift, 100.0) == 6
+    assert rerank.count_translation_inliers(src[:1], src[:1], 1.0) == 1
+    assert rerank.count_translation_inliers(src[:0], src[:0], 1.0) == 0
+    assert rerank.count_inliers(src, src + shift, 1.5, "translation") == 4
+    with pytest.raises(ValueError, match="unknown geometry 'affine'"):
+        rerank.count_inliers(src, src + shift, 1.5, "affine")
+
+
+def test_translation_geometry_verifies_a_shifted_copy_far_above_a_turned_one() -> None:
+    a = rerank.extract(blobs(1))
+    shifted = rerank.extract(moved(blobs(1), angle=0.0, scale=1.0))
+    turned = rerank.extract(moved(blobs(1)))  # 12 degrees, 1.1x: only a patch of it shifts alike
+    other = rerank.extract(blobs(2))
+    sim = rerank.verify(a, [shifted, turned, other], ratio=0.85, ransac_px=4.0, geometry="similarity")
+    shift = rerank.verify(a, [shifted, turned, other], ratio=0.85, ransac_px=12.0, geometry="translation")
+    assert sim[0] >= 100 and sim[1] >= 0.4 * sim[0] and sim[2] <= 6, sim
+    assert shift[0] >= 100 and shift[1] <= 0.25 * shift[0] and shift[2] <= 6, shift
 
 
 def test_apply_resorts_by_known_scores_and_keeps_padding_last() -> None:
@@ -169,9 +195,11 @@ def test_image_embeddings_average_the_rows_of_each_image_in_the_order_asked() ->
         submit._image_embeddings(vectors, np.array(["a", "a", "b"]), np.array(["c"]))
 
 
-@pytest.mark.parametrize(("photos", "mirror"), [(0, False), (1, False), (0, True)])
+@pytest.mark.parametrize(("photos", "mirror", "geometry"),
+                         [(0, False, "similarity"), (1, False, "similarity"), (0, True, "similarity"),
+                          (0, False, "translation")])
 def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks_to_first(
-    tmp_path: Path, photos: int, mirror: bool,
+    tmp_path: Path, photos: int, mirror: bool, geometry: str,
 ) -> None:
     make_artifacts(tmp_path)
     plain = pd.read_csv(submit.run(config(tmp_path)), dtype=str, keep_default_na=False)
@@ -180,23 +208,38 @@ def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks
     # features can know, so only re-ranking can put it first.
     other = next(p for p in first[1:] if p not in (first[0], "new_individual"))
     data = tmp_path / "data"
-    # In the mirror case the query shows the other side: its marks mirrored.
-    query = moved(cv2.flip(blobs(1), 1) if mirror else blobs(1))
+    # In the mirror case the query shows the other side: its marks mirrored. With the translation
+    # geometry (photos aligned to one pose) the query is only shifted.
+    query = moved(cv2.flip(blobs(1), 1) if mirror else blobs(1),
+                  **({"angle": 0.0, "scale": 1.0} if geometry == "translation" else {}))
     cv2.imwrite(str(data / "test_images" / "te_0.jpg"), query)
     for j in range(3):
         cv2.imwrite(str(data / "train_images" / f"tr_{int(other[2:])}_{j}.jpg"), blobs(1))
 
     def top(with_mirror: bool) -> str:
         sets = ("rerank.enabled=true", "rerank.candidates=6", "rerank.weights=[0.1]", f"rerank.photos={photos}",
-                f"rerank.mirror={str(with_mirror).lower()}")
+                f"rerank.mirror={str(with_mirror).lower()}", f"rerank.geometry={geometry}",
+                "rerank.ransac_px=12" if geometry == "translation" else "rerank.ransac_px=6")
         path = submit.run(config(tmp_path, *sets))
         return dict(zip(*pd.read_csv(path, dtype=str, keep_default_na=False).T.values))["te_0.jpg"].split()[0]
 
     assert top(mirror) == other
     record = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())["rerank"]
     assert record["weight"] == 0.1 and record["how"] == "rerank.weights (one value)"
-    assert record["mirror"] is mirror
+    assert record["mirror"] is mirror and record["geometry"] == geometry
     page = (tmp_path / "out" / "04_submit" / "report.html").read_text()
     assert " inliers" in page  # the report shows each candidate's verification evidence
     if mirror:  # the mirrored side is found only by matching the query's mirror image
         assert top(False) != other
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("rerank.geometry=affine", "rerank.geometry must be one of \\['similarity', 'translation'\\], got 'affine'"),
+    ("rerank.candidates=3", "rerank.candidates must be at least 5"),
+    ("rerank.ratio=1.2", "0 < ratio < 1"),
+])
+def test_stage_04_refuses_a_bad_rerank_setting_before_any_work(tmp_path: Path, setting: str, message: str) -> None:
+    make_artifacts(tmp_path)
+    with pytest.raises(UserError, match=message):
+        submit.run(config(tmp_path, "rerank.enabled=true", setting))
+    assert not (tmp_path / "out" / "submission.csv").exists()

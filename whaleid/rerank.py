@@ -10,8 +10,13 @@ checks that directly for the few best candidates of each query:
    candidate individuals (one batched matrix product per query), kept by Lowe's ratio test. With
    `photos` > 0 only the individual's photos closest to the query by embedding are matched: the
    product is most of the cost, and the best-matching photo is nearly always among them.
-3. A similarity transform (rotation, scale, shift) is fitted by RANSAC to the kept matches; its
-   inlier count is the evidence that the two photos show the same marks.
+3. A geometry is fitted to the kept matches; its inlier count is the evidence that the two photos
+   show the same marks. `similarity` (rotation, scale, shift; fitted by RANSAC) suits fins and
+   flukes seen at any tilt and distance. `translation` (shift only) suits photos already aligned
+   to one pose, like the right whale head crops: every match's own shift is tried as the model
+   (exhaustive, so deterministic) and the one most matches agree with wins. On such photos it
+   beats the similarity fit, whose RANSAC also accepts degenerate transforms (scale near 0, many
+   query keypoints onto one gallery blob) between unrelated photos.
 4. Candidate score = embedding score + `weight` * log(1 + max inliers over that individual's
    photos). Candidates are re-sorted by it; the new_individual threshold is then calibrated on
    these scores like any other (stage 04 does it on the validation fold).
@@ -139,8 +144,26 @@ def ratio_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float = 0
     return out
 
 
-def count_inliers(src: np.ndarray, dst: np.ndarray, ransac_px: float) -> int:
-    """Inliers of a RANSAC similarity transform src -> dst (0 with fewer than 3 matches)."""
+GEOMETRIES = ("similarity", "translation")
+
+
+def count_translation_inliers(src: np.ndarray, dst: np.ndarray, px: float) -> int:
+    """The most matches that one shift src -> dst explains within `px` (each match's own shift
+    tried as the model; 0 with no matches)."""
+    if len(src) == 0:
+        return 0
+    shift = np.asarray(dst, np.float32) - np.asarray(src, np.float32)
+    d2 = ((shift[:, None, :] - shift[None, :, :]) ** 2).sum(axis=2)
+    return int((d2 < px * px).sum(axis=1).max())
+
+
+def count_inliers(src: np.ndarray, dst: np.ndarray, ransac_px: float, geometry: str = "similarity") -> int:
+    """Inliers of the best transform src -> dst of `geometry`: a RANSAC similarity transform (0
+    with fewer than 3 matches), or the best-supported translation."""
+    if geometry == "translation":
+        return count_translation_inliers(src, dst, ransac_px)
+    if geometry != "similarity":
+        raise ValueError(f"unknown geometry {geometry!r}; valid: {list(GEOMETRIES)}")
     if len(src) < 3:
         return 0
     _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=ransac_px,
@@ -149,10 +172,10 @@ def count_inliers(src: np.ndarray, dst: np.ndarray, ransac_px: float) -> int:
 
 
 def verify(query: LocalFeatures, gallery: list[LocalFeatures], ratio: float = 0.8,
-           ransac_px: float = 6.0) -> np.ndarray:
+           ransac_px: float = 6.0, geometry: str = "similarity") -> np.ndarray:
     """Geometric-verification inlier count of `query` against each gallery image."""
     pairs = ratio_matches(query.desc, [g.desc for g in gallery], ratio)
-    return np.array([count_inliers(query.xy[p[:, 0]], g.xy[p[:, 1]], ransac_px)
+    return np.array([count_inliers(query.xy[p[:, 0]], g.xy[p[:, 1]], ransac_px, geometry)
                      for p, g in zip(pairs, gallery)], dtype=np.int64)
 
 
@@ -165,7 +188,7 @@ def candidate_inliers(
     labels: np.ndarray, query_feats: Sequence[LocalFeatures], gallery_feats: Sequence[LocalFeatures],
     gallery_labels: np.ndarray, ratio: float = 0.8, ransac_px: float = 6.0, desc: str = "verify",
     photos: int = 0, query_emb: np.ndarray | None = None, gallery_emb: np.ndarray | None = None,
-    mirrored: Sequence[LocalFeatures] | None = None,
+    mirrored: Sequence[LocalFeatures] | None = None, geometry: str = "similarity",
 ) -> np.ndarray:
     """(Q, C) inlier counts: for each query and candidate individual (`labels`, codes < 0 are
     padding and get 0), the best geometric verification over that individual's gallery images.
@@ -192,9 +215,9 @@ def candidate_inliers(
             rows.append(r)
         flat = np.concatenate(rows)
         candidates = [gallery_feats[i] for i in flat]
-        counts = verify(query_feats[q], candidates, ratio, ransac_px)
+        counts = verify(query_feats[q], candidates, ratio, ransac_px, geometry)
         if mirrored is not None:
-            counts = np.maximum(counts, verify(mirrored[q], candidates, ratio, ransac_px))
+            counts = np.maximum(counts, verify(mirrored[q], candidates, ratio, ransac_px, geometry))
         ends = np.cumsum([len(r) for r in rows])
         for j, (r, end) in enumerate(zip(rows, ends)):
             if len(r):

@@ -267,6 +267,8 @@ def _check_rerank_config(cfg: Config) -> None:
                         f"photos={r.photos}")
     if not r.weights or any(not isinstance(w, (int, float)) or w < 0 for w in r.weights):
         raise UserError(f"rerank.weights must be a non-empty list of numbers >= 0, got {r.weights}")
+    if r.geometry not in rerank.GEOMETRIES:
+        raise UserError(f"rerank.geometry must be one of {list(rerank.GEOMETRIES)}, got {r.geometry!r}")
 
 
 def _features_of(cfg: Config, catalogue: pd.DataFrame, keys: list[tuple[str, str]],
@@ -322,13 +324,14 @@ def rerank_rankings(
                               + val_keys + [("test", i) for i in test_images])
     empty = rerank.LocalFeatures.empty()
     gallery = [feats.get(k, empty) for k in gallery_keys]
-    opts = {"ratio": r.ratio, "ransac_px": r.ransac_px, "photos": r.photos, "gallery_emb": gallery_emb}
+    opts = {"ratio": r.ratio, "ransac_px": r.ransac_px, "geometry": r.geometry, "photos": r.photos,
+            "gallery_emb": gallery_emb}
     # Queries are also matched as their mirror image (rerank.mirror): either side of a fin.
     mirrored = (_features_of(cfg, catalogue, val_keys + [("test", i) for i in test_images], mirror=True)[0]
                 if r.mirror else {})
 
     record: dict = {"candidates": r.candidates, "features": r.features, "upscale": r.upscale, "photos": r.photos,
-                    "mirror": bool(r.mirror),
+                    "ratio": r.ratio, "geometry": r.geometry, "ransac_px": r.ransac_px, "mirror": bool(r.mirror),
                     "unreadable": bad[:10], "unreadable_count": len(bad)}
     weight, how = r.default_weight, "rerank.default_weight (no validation fold)"
     if val is not None:
