@@ -111,6 +111,11 @@ def test_translation_geometry_verifies_a_shifted_copy_far_above_a_turned_one() -
     shift = rerank.verify(a, [shifted, turned, other], ratio=0.85, ransac_px=12.0, geometry="translation")
     assert sim[0] >= 100 and sim[1] >= 0.4 * sim[0] and sim[2] <= 6, sim
     assert shift[0] >= 100 and shift[1] <= 0.25 * shift[0] and shift[2] <= 6, shift
+    # candidate_inliers passes the geometry on: individual 7 is the turned copy
+    labels, gallery_labels = np.array([[7]]), np.array([7])
+    by = {g: rerank.candidate_inliers(labels, [a], [turned], gallery_labels, ratio=0.85, ransac_px=px, geometry=g)[0, 0]
+          for g, px in (("similarity", 4.0), ("translation", 12.0))}
+    assert by == {"similarity": sim[1], "translation": shift[1]}
 
 
 def test_apply_resorts_by_known_scores_and_keeps_padding_last() -> None:
