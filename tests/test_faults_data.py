@@ -151,6 +151,20 @@ def embed_cfg(outputs: Path, *sets: str):
     return tiny_cfg(outputs, "embed.workers=0", "embed.batch_size=32", "embed.flip_tta=none", *sets)
 
 
+def test_stage_03_shift_tta_is_recorded_changes_the_embeddings_and_refuses_bad_values(
+        trained: Path, tmp_path: Path) -> None:
+    outputs = _copy(trained, tmp_path)
+    with pytest.raises(UserError, match="embed.shift_tta must be a whole number of pixels >= 0, got -1"):
+        embed.run(embed_cfg(outputs, "embed.shift_tta=-1"))
+    assert not (outputs / "03_embed").exists()
+    plain = np.load(embed.run(embed_cfg(outputs)) / "train_emb.npy")
+    folder = embed.run(embed_cfg(outputs, "embed.shift_tta=2"))
+    shifted = np.load(folder / "train_emb.npy")
+    assert read_json(folder / "report.json")["shift_tta"] == 2
+    assert shifted.shape == plain.shape and not np.allclose(shifted, plain, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(shifted, axis=1), 1.0, atol=1e-5)
+
+
 def test_stage_02_warns_when_the_catalogue_changed_after_the_crops(trained: Path) -> None:
     stale = read_json(trained / "02_train" / "report.json")["stale_inputs"]
     assert len(stale) == 1 and "catalogue.csv changed after 01_crops" in stale[0] and "01_detect_crop.py" in stale[0]

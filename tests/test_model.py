@@ -12,7 +12,7 @@ import torch
 from whaleid.config import load_config
 from whaleid.dataset import CropDataset, eval_transform, train_transform
 from whaleid.errors import UserError
-from whaleid.inference import embed_dataset
+from whaleid.inference import embed_dataset, shifted_crops
 from whaleid.io import torch_save
 from whaleid.losses import build_heads
 from whaleid.model import GeM, build_model, load_checkpoint
@@ -103,6 +103,52 @@ def test_dataset_and_flip_tta(tmp_path: Path, cfg) -> None:
 
     with pytest.raises(UserError, match="missing.jpg"):
         CropDataset([str(tmp_path / "missing.jpg")])[0]
+
+
+def test_shifted_crops_known_answer() -> None:
+    x = torch.arange(36.0).view(1, 1, 6, 6)
+    crops = shifted_crops(x, 1)
+    assert [c.shape[-2:] for c in crops] == [(4, 4)] * 5
+    # top-left values: centre (1, 1), then the corners (0, 0), (0, 2), (2, 0), (2, 2)
+    assert [c[0, 0, 0, 0].item() for c in crops] == [7.0, 0.0, 2.0, 12.0, 14.0]
+    assert shifted_crops(x, 0)[0] is x
+    with pytest.raises(ValueError, match="shift 3 leaves no crop"):
+        shifted_crops(x, 3)
+
+
+class _Pixels(torch.nn.Module):
+    """A 'model' whose embedding is its input's pixels: TTA outputs can be computed by hand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().flatten(1)
+
+
+def test_shift_tta_averages_the_unit_embeddings_of_the_five_crops_of_each_orientation(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        cv2.imwrite(paths[-1], rng.integers(0, 255, (12, 10, 3), dtype=np.uint8))
+    ds = CropDataset(paths, transform=eval_transform(8))  # 8 px = model input 6 + 2 x shift 1
+    cpu = torch.device("cpu")
+    out = {f: embed_dataset(_Pixels(), ds, 2, 0, cpu, flip=f, shift=1) for f in ("none", "separate", "average")}
+    assert out["none"].shape == (2, 3 * 6 * 6) and out["separate"].shape == (2, 2, 3 * 6 * 6)
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.norm(dim=-1, keepdim=True)
+
+    for i in range(2):
+        x = ds[i][0][None].float()
+        expect = {}
+        for name, view in (("plain", x), ("flipped", torch.flip(x, dims=[3]))):
+            crops = [view[..., t : t + 6, left : left + 6] for t, left in ((1, 1), (0, 0), (0, 2), (2, 0), (2, 2))]
+            expect[name] = unit(sum(unit(c.flatten(1)) for c in crops))[0]
+        np.testing.assert_allclose(out["none"][i], expect["plain"], atol=1e-6)
+        np.testing.assert_allclose(out["separate"][i, 1], expect["flipped"], atol=1e-6)
+        np.testing.assert_allclose(out["average"][i], unit(expect["plain"] + expect["flipped"]), atol=1e-6)
+    # without shift the centre view alone is not the answer
+    assert not np.allclose(embed_dataset(_Pixels(), CropDataset(paths, transform=eval_transform(6)), 2, 0, cpu),
+                           out["none"], atol=1e-3)
 
 
 # ImageNet classes of buildings: what any correct ImageNet model sees in scikit-learn's china.jpg

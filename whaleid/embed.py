@@ -166,7 +166,8 @@ def embed_sharded(
     idx = np.arange(rt.rank, len(dataset), rt.world)
     part = embed_dataset(model, Subset(dataset, idx.tolist()), batch_size=cfg.embed.batch_size,
                          workers=cfg.embed.workers, device=rt.device, amp=cfg.embed.amp,
-                         flip=cfg.embed.flip_tta, raw=raw, desc=f"embed rank {rt.rank}")
+                         flip=cfg.embed.flip_tta, raw=raw, desc=f"embed rank {rt.rank}",
+                         shift=cfg.embed.shift_tta)
     if rt.world == 1:
         return part
     parts: list[Any] = [None] * rt.world
@@ -262,6 +263,8 @@ def _check_embed_config(cfg: Config) -> None:
         raise UserError(f"unknown embed.sources_merge {e.sources_merge!r}; valid: {list(MERGES)}")
     if e.batch_size < 1 or e.image_size < 0 or e.logits_topk < 0 or e.workers < 0:
         raise UserError("embed.batch_size must be >= 1 and embed.image_size, logits_topk, workers >= 0")
+    if not isinstance(e.shift_tta, int) or e.shift_tta < 0:
+        raise UserError(f"embed.shift_tta must be a whole number of pixels >= 0, got {e.shift_tta!r}")
 
 
 def run(cfg: Config) -> Path:
@@ -286,7 +289,8 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     rows, counts = crop_rows(cfg)
     if rows.empty:
         raise UserError(f"no crop of a catalogue image to embed: rerun {CROP_MADE_BY}")
-    dataset = CropDataset(rows["crop_path"].tolist(), transform=eval_transform(size))
+    # shift TTA: resized 2 x shift px larger, then cut into five crops of `size` (whaleid.inference)
+    dataset = CropDataset(rows["crop_path"].tolist(), transform=eval_transform(size + 2 * cfg.embed.shift_tta))
     t0 = time.perf_counter()
     emb = embed_sharded(loaded.model, dataset, cfg, rt, loaded.raw)
     seconds = time.perf_counter() - t0
@@ -307,6 +311,7 @@ def _run(cfg: Config, rt: Runtime) -> Path:
         "checkpoint": loaded.info,
         "image_size": size,
         "flip_tta": cfg.embed.flip_tta,
+        "shift_tta": cfg.embed.shift_tta,
         "sources": list(cfg.crop.sources),
         "sources_merge": cfg.embed.sources_merge,
         "device": str(rt.device),

@@ -1,4 +1,4 @@
-"""Batched embedding of a dataset: device choice, bf16 autocast on CUDA, flip TTA.
+"""Batched embedding of a dataset: device choice, bf16 autocast on CUDA, flip and shift TTA.
 
 Used by stage 02 (validation), stage 03 (train/test embeddings) and the untrained-features floor.
 """
@@ -35,6 +35,17 @@ def _embed_batch(model: nn.Module, x: torch.Tensor, raw: bool) -> torch.Tensor:
     return model.pooled(x) if raw else model(x)
 
 
+def shifted_crops(x: torch.Tensor, shift: int) -> list[torch.Tensor]:
+    """The five (H - 2 shift)-px crops of a batch: centre, then the four corners ([x] for shift 0)."""
+    if shift <= 0:
+        return [x]
+    h, w = x.shape[-2] - 2 * shift, x.shape[-1] - 2 * shift
+    if h < 1 or w < 1:
+        raise ValueError(f"shift {shift} leaves no crop of a {tuple(x.shape[-2:])} image")
+    corners = [(shift, shift), (0, 0), (0, 2 * shift), (2 * shift, 0), (2 * shift, 2 * shift)]
+    return [x[..., top : top + h, left : left + w] for top, left in corners]
+
+
 @torch.no_grad()
 def embed_dataset(
     model: nn.Module,
@@ -46,12 +57,15 @@ def embed_dataset(
     flip: str = "none",
     raw: bool = False,
     desc: str = "embed",
+    shift: int = 0,
 ) -> np.ndarray:
     """L2-normalised float32 embeddings in dataset order: (N, D), or (N, 2, D) for flip="separate".
 
     flip: "none"; "average" = mean of the original and horizontally flipped embeddings (then
-    renormalised), the 1st-place TTA; "separate" keeps both. raw=True embeds `model.pooled`
-    (backbone features without the neck). The model is left in eval mode.
+    renormalised), the 1st-place TTA; "separate" keeps both. shift > 0: the dataset's images are
+    `2 shift` px larger than the model's input, and each orientation is the mean of the five
+    crops `shifted_crops` cuts (centre and corners), renormalised. raw=True embeds
+    `model.pooled` (backbone features without the neck). The model is left in eval mode.
     """
     if flip not in FLIPS:
         raise UserError(f"unknown flip mode {flip!r}; valid: {list(FLIPS)}")
@@ -67,11 +81,13 @@ def embed_dataset(
     for images, *_ in bar:
         x = images.to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and cuda):
-            views = [_embed_batch(model, x, raw)]
-            if flip != "none":
-                views.append(_embed_batch(model, torch.flip(x, dims=[3]), raw))
-        views = [F.normalize(v.float(), dim=1) for v in views]
+        views = []
+        for flipped in (False, True) if flip != "none" else (False,):
+            total = 0.0
+            for crop in shifted_crops(torch.flip(x, dims=[3]) if flipped else x, shift):
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and cuda):
+                    total = total + F.normalize(_embed_batch(model, crop, raw).float(), dim=1)
+            views.append(F.normalize(total, dim=1))
         if flip == "average":
             batch = F.normalize(views[0] + views[1], dim=1)
         elif flip == "separate":
