@@ -139,7 +139,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cat = pd.read_csv(cat_path)
     cat.loc[0, "width"] = 41                                   # the catalogue changes after the crops
     cat.to_csv(cat_path, index=False)
-    train.run(tiny_cfg(outputs))
+    train.run(tiny_cfg(outputs, "train.refit=true"))  # the refit model is only read with train.refit true
     return outputs
 
 
@@ -163,6 +163,25 @@ def test_stage_03_shift_tta_is_recorded_changes_the_embeddings_and_refuses_bad_v
     assert read_json(folder / "report.json")["shift_tta"] == 2
     assert shifted.shape == plain.shape and not np.allclose(shifted, plain, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(shifted, axis=1), 1.0, atol=1e-5)
+
+
+def test_stage_03_with_refit_embeds_with_both_models_and_names_a_missing_refit(
+        trained: Path, tmp_path: Path) -> None:
+    outputs = _copy(trained, tmp_path)
+    folder = embed.run(embed_cfg(outputs, "train.refit=true"))
+    report = read_json(folder / "report.json")
+    assert report["checkpoint"]["path"] == str((outputs / "02_train" / "refit" / "best.pt").resolve())
+    assert report["fold_checkpoint"]["path"] == str((outputs / "02_train" / "best.pt").resolve())
+    train_emb, fold_emb = np.load(folder / "train_emb.npy"), np.load(folder / "fold_train_emb.npy")
+    assert fold_emb.shape == train_emb.shape and not np.allclose(fold_emb, train_emb, atol=1e-4)
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "fold_train_index.csv"), pd.read_csv(folder / "train_index.csv"))
+    # the fold model's vectors are exactly what stage 03 writes without refit
+    np.testing.assert_allclose(fold_emb, np.load(embed.run(embed_cfg(outputs, "train.refit=false")) / "train_emb.npy"),
+                               atol=1e-5)
+    assert not (folder / "fold_train_emb.npy").exists(), "stage 04 would validate on an earlier run's vectors"
+    shutil.rmtree(outputs / "02_train" / "refit")
+    with pytest.raises(UserError, match=r"train.refit is true but .*refit/best.pt does not exist"):
+        embed.run(embed_cfg(outputs, "train.refit=true"))
 
 
 def test_stage_02_warns_when_the_catalogue_changed_after_the_crops(trained: Path) -> None:

@@ -28,6 +28,7 @@ TINY = [
     "train.image_size=64",
     "train.epochs=2",
     "train.batch_size=16",
+    "train.refit=true",  # off by default (time): the all-data refit runs end to end here
     "train.workers=0",
     "embed.workers=0",
     "knn.report_queries=4",
@@ -70,6 +71,8 @@ def test_all_stages_write_their_artifacts(pipeline_run: Path) -> None:
         "02_train/last.pt",
         "02_train/metrics.csv",
         "02_train/curves.png",
+        "02_train/refit/best.pt",  # train.refit (set above): the all-data model
+        "03_embed/fold_train_emb.npy",
         "03_embed/train_emb.npy",
         "03_embed/test_emb.npy",
         "04_submit/metrics.json",

@@ -116,6 +116,35 @@ def test_stage_04_end_to_end(tmp_path: Path) -> None:
     assert (pseudo["confidence"] >= 0.8).all()
 
 
+def test_refit_validates_on_the_fold_model_and_ranks_test_with_the_refit_model(tmp_path: Path) -> None:
+    """fold_train_emb.npy (train.refit) gives each known validation query the vector of the next
+    individual's photo, and individuals 6 and 7 random vectors: validation must get the queries
+    wrong at rank 1, while the test images of 6 and 7 (ranked with train_emb.npy) stay right."""
+    _, answers = make_artifacts(tmp_path, flip_separate=False)
+    emb_dir = tmp_path / "out" / "03_embed"
+    index = pd.read_csv(emb_dir / "train_index.csv")
+    train_emb = np.load(emb_dir / "train_emb.npy")
+    fold_emb = train_emb.copy()
+    rows = {img: i for i, img in enumerate(index["image"])}
+    for i in range(6):  # validation queries tr_i_0 take the vector of tr_{i+1 mod 6}_1
+        fold_emb[rows[f"tr_{i}_0.jpg"]] = train_emb[rows[f"tr_{(i + 1) % 6}_1.jpg"]]
+    for img in [f"tr_{i}_{j}.jpg" for i in (6, 7) for j in range(PER_ID)]:
+        fold_emb[rows[img]] = knn.l2_normalize(np.random.default_rng(rows[img]).standard_normal((1, DIM)))[0]
+    np.save(emb_dir / "fold_train_emb.npy", fold_emb.astype(np.float32))
+    index.to_csv(emb_dir / "fold_train_index.csv", index=False)
+    submit.run(config(tmp_path))  # report.json names no fold checkpoint: the fold files are not read
+    plain = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())
+    report = json.loads((emb_dir / "report.json").read_text())
+    (emb_dir / "report.json").write_text(json.dumps(report | {"fold_checkpoint": {"kind": "best", "path": "f.pt"}}))
+    sub = pd.read_csv(submit.run(config(tmp_path)), dtype=str, keep_default_na=False)
+    metrics = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())
+    assert plain["validation"]["map5_known"] > 0.9
+    assert metrics["validation"]["map5_known"] <= 0.5
+    preds = dict(zip(sub["image"], sub["predictions"].str.split()))
+    for img in ("te_6.jpg", "te_7.jpg"):
+        assert answers[img] in preds[img][:2], (img, preds[img])
+
+
 @pytest.mark.parametrize("sets", [
     ["knn.new_mode=share", "knn.new_share=0.3"],
     ["knn.new_mode=fixed", "knn.new_threshold=2.0"],

@@ -85,7 +85,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pseudo = root / "pseudo.csv"
     pd.DataFrame({"image": ["t0.jpg", "t0.jpg", "t1.jpg"], "individual_id": ["id_0", "id_0", "nobody"],
                   "confidence": [0.9, 0.9, 0.95]}).to_csv(pseudo, index=False)
-    run(tiny_cfg(outputs, f"train.pseudo_labels={pseudo}"))
+    run(tiny_cfg(outputs, f"train.pseudo_labels={pseudo}", "train.refit=true"))
     return outputs
 
 
@@ -126,6 +126,35 @@ def test_resume_continues_epoch_count(trained: Path, tmp_path: Path) -> None:
     _, _, ckpt = load_checkpoint(folder / "last.pt")
     assert ckpt["epoch"] == 2
     assert json.loads((folder / "report.json").read_text())["resumed_from_epoch"] == 1
+
+
+def test_refit_trains_the_same_recipe_on_every_train_image(trained: Path) -> None:
+    fold, refit = trained / "02_train", trained / "02_train" / "refit"
+    for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "config.resolved.yaml", "report.json"):
+        assert (refit / name).exists(), name
+    report = json.loads((refit / "report.json").read_text())
+    assert report["fold"] == -1 and report["val_queries"] == 0
+    # every train image (the validation fold included) plus the pseudo-labelled test image
+    assert report["train_samples"] == (N_IDS + NEW_IDS) * PER_ID + 1
+    _, _, ckpt = load_checkpoint(refit / "best.pt")
+    assert ckpt["fold"] == -1 and ckpt["class_counts"][N_IDS] == PER_ID, "the fold-only individual now trains"
+    assert ckpt["config"]["train"] == load_checkpoint(fold / "best.pt")[2]["config"]["train"], "same recipe"
+    assert not np.isnan(json.loads((fold / "report.json").read_text())["threshold"]), "the fold run still validates"
+
+
+def test_resume_continues_both_runs_and_refit_off_drops_a_stale_refit(trained: Path, tmp_path: Path) -> None:
+    outputs = _copy(trained, tmp_path)
+    pseudo = f"train.pseudo_labels={trained.parent / 'pseudo.csv'}"
+    folder = run(tiny_cfg(outputs, "train.epochs=2", pseudo, "train.refit=true"), resume=True)
+    for sub in (folder, folder / "refit"):
+        assert pd.read_csv(sub / "metrics.csv")["epoch"].tolist() == [1, 2]
+        assert json.loads((sub / "report.json").read_text())["resumed_from_epoch"] == 1
+    run(tiny_cfg(outputs, "train.refit=false", pseudo))
+    assert not (folder / "refit").exists(), "a refit model of another run would be embedded by stage 03"
+    run(tiny_cfg(outputs, "train.refit=true", pseudo))
+    assert (folder / "refit" / "best.pt").exists()
+    run(tiny_cfg(outputs, "prepare.fold=-1", "train.refit=true", pseudo))  # no fold: the model already trains on everything
+    assert not (folder / "refit").exists()
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(trained: Path, tmp_path: Path) -> None:

@@ -6,6 +6,11 @@ fresh backbone instead: the floor a trained model must beat. Flip TTA (`embed.fl
 `average` (the 1st-place TTA) or `separate` (two gallery rows per image); several crop sources
 per image are averaged or kept as separate rows (`embed.sources_merge`). Under torchrun each rank
 embeds a strided shard and rank 0 gathers the shards and writes every file.
+
+With `train.refit` (stage 02 trained an all-data model in 02_train/refit), the refit model embeds
+the train and test images (train_emb.npy, test_emb.npy: what stage 04 ranks the test images
+with), and the fold model embeds the train images once more (fold_train_emb.npy): stage 04
+validates and calibrates on those, since the refit model has trained on the fold.
 """
 
 from __future__ import annotations
@@ -43,13 +48,14 @@ from whaleid.io import (
     write_resolved_config,
 )
 from whaleid.model import build_model, load_checkpoint
-from whaleid.train import Runtime, init_runtime
+from whaleid.train import REFIT_DIR, Runtime, init_runtime, refit_active
 
 CROP_MADE_BY = "01_detect_crop.py"
 CROPS_COLUMNS = ("image", "split", "source", "crop_path")
 NAMED_CHECKPOINTS = ("best", "last")
 MERGES = ("average", "separate")
 LOGIT_CHUNK = 4096
+FOLD_FILES = ("fold_train_emb.npy", "fold_train_index.csv")
 
 
 @dataclass
@@ -64,22 +70,36 @@ class Loaded:
     encoders: dict | None  # the label set the heads were trained on (None for the untrained floor)
 
 
-def checkpoint_path(cfg: Config) -> Path | None:
-    """The checkpoint file `embed.checkpoint` names (None for `untrained`)."""
+def uses_refit(cfg: Config) -> bool:
+    """Whether stage 03 embeds with the refit model (train.refit, a fold, a named checkpoint)."""
+    return refit_active(cfg) and cfg.embed.checkpoint in NAMED_CHECKPOINTS
+
+
+def checkpoint_path(cfg: Config, refit: bool = False) -> Path | None:
+    """The checkpoint file `embed.checkpoint` names (None for `untrained`); with `refit`, the
+    refit model's file of that name."""
     name = cfg.embed.checkpoint
     if name == "untrained":
         return None
     if name in NAMED_CHECKPOINTS:
-        return require(Path(cfg.paths.outputs) / STAGE_DIRS["train"] / f"{name}.pt", "02_train_arcface.py")
+        folder = Path(cfg.paths.outputs) / STAGE_DIRS["train"]
+        if refit:
+            path = folder / REFIT_DIR / f"{name}.pt"
+            if not path.is_file():
+                raise UserError(f"train.refit is true but {path} does not exist: rerun 02_train_arcface.py "
+                                "with train.refit true, or set train.refit false")
+            return path
+        return require(folder / f"{name}.pt", "02_train_arcface.py")
     path = Path(name)
     if not path.is_file():
         raise UserError(f"embed.checkpoint {name!r} is neither best, last, untrained nor an existing file")
     return path
 
 
-def load_model(cfg: Config) -> Loaded:
-    """The model per `embed.checkpoint`, rebuilt from the checkpoint's own config."""
-    path = checkpoint_path(cfg)
+def load_model(cfg: Config, refit: bool = False) -> Loaded:
+    """The model per `embed.checkpoint` (the refit model's with `refit`), rebuilt from the
+    checkpoint's own config."""
+    path = checkpoint_path(cfg, refit)
     if path is None:
         model = build_model(cfg, pretrained=True)
         info = {"kind": "untrained", "path": None, "pretrained": cfg.model.pretrained,
@@ -87,7 +107,8 @@ def load_model(cfg: Config) -> Loaded:
         return Loaded(model.eval(), None, cfg, True, info, None)
     model, heads, ckpt = load_checkpoint(path)
     info = {
-        "kind": cfg.embed.checkpoint if cfg.embed.checkpoint in NAMED_CHECKPOINTS else "path",
+        "kind": (f"refit {cfg.embed.checkpoint}" if refit else cfg.embed.checkpoint)
+        if cfg.embed.checkpoint in NAMED_CHECKPOINTS else "path",
         "path": str(path.resolve()),
         "fingerprint": file_digest(path),
         "epoch": int(ckpt["epoch"]),
@@ -248,11 +269,11 @@ def _write_logits(out: Path, heads: nn.Module | None, rows: pd.DataFrame, emb: n
     return f"top {labels.shape[1]} class cosines for {len(images)} test images"
 
 
-def _input_paths(cfg: Config, loaded: Loaded) -> list[Path]:
-    """The files the embeddings depend on: catalogue, crops.csv and the checkpoint."""
+def _input_paths(cfg: Config, *models: Loaded | None) -> list[Path]:
+    """The files the embeddings depend on: catalogue, crops.csv and the checkpoint(s)."""
     out = Path(cfg.paths.outputs)
     paths = [out / STAGE_DIRS["prepare"] / "catalogue.csv", out / STAGE_DIRS["crop"] / "crops.csv"]
-    return paths + ([Path(loaded.info["path"])] if loaded.info["path"] else [])
+    return paths + [Path(m.info["path"]) for m in models if m is not None and m.info["path"]]
 
 
 def _check_embed_config(cfg: Config) -> None:
@@ -281,34 +302,60 @@ def run(cfg: Config) -> Path:
             dist.destroy_process_group()
 
 
-def _run(cfg: Config, rt: Runtime) -> Path:
-    start = time.time()
-    loaded = load_model(cfg)
-    stale = check_checkpoint_inputs(cfg, loaded) if rt.main else []
+def _embed_rows(cfg: Config, rt: Runtime, loaded: Loaded, rows: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, int, float]:
+    """Embed `rows` with `loaded`: (index rows, embeddings) after flips and sources are merged
+    (None on ranks other than 0), the number of crops and the seconds the model took."""
     size = cfg.embed.image_size or loaded.config.train.image_size
-    rows, counts = crop_rows(cfg)
-    if rows.empty:
-        raise UserError(f"no crop of a catalogue image to embed: rerun {CROP_MADE_BY}")
     # shift TTA: resized 2 x shift px larger, then cut into five crops of `size` (whaleid.inference)
     dataset = CropDataset(rows["crop_path"].tolist(), transform=eval_transform(size + 2 * cfg.embed.shift_tta))
     t0 = time.perf_counter()
     emb = embed_sharded(loaded.model, dataset, cfg, rt, loaded.raw)
     seconds = time.perf_counter() - t0
-    out = stage_dir(cfg, "embed")
     if not rt.main:
-        return out
+        return rows, None, len(dataset), seconds
     check_finite(rows, emb)
     rows, emb = expand_flips(rows, emb, cfg.embed.flip_tta)
     rows, emb = merge_sources(rows, emb, cfg.embed.sources_merge)
+    return rows, emb, len(dataset), seconds
+
+
+def _write_split(out: Path, prefix: str, rows: pd.DataFrame, emb: np.ndarray, split: str) -> None:
+    mask = (rows["split"] == split).to_numpy()
+    write_npy(out / f"{prefix}{split}_emb.npy", np.ascontiguousarray(emb[mask], dtype=np.float32))
+    write_csv(out / f"{prefix}{split}_index.csv", rows.loc[mask, ["image", "source", "flip"]])
+
+
+def _run(cfg: Config, rt: Runtime) -> Path:
+    start = time.time()
+    refit = uses_refit(cfg)
+    loaded = load_model(cfg, refit=refit)
+    fold_model = load_model(cfg) if refit else None
+    stale = check_checkpoint_inputs(cfg, loaded) if rt.main else []
+    size = cfg.embed.image_size or loaded.config.train.image_size
+    all_rows, counts = crop_rows(cfg)
+    if all_rows.empty:
+        raise UserError(f"no crop of a catalogue image to embed: rerun {CROP_MADE_BY}")
+    rows, emb, n_crops, seconds = _embed_rows(cfg, rt, loaded, all_rows)
+    if fold_model is not None:  # the train images once more, with the fold model, for stage 04's validation
+        train_rows = all_rows[all_rows["split"] == "train"].reset_index(drop=True)
+        fold_rows, fold_emb, n_fold, fold_seconds = _embed_rows(cfg, rt, fold_model, train_rows)
+        n_crops, seconds = n_crops + n_fold, seconds + fold_seconds
+    out = stage_dir(cfg, "embed")
+    if not rt.main:
+        return out
     write_resolved_config(cfg, out)
     for split in ("train", "test"):
-        mask = (rows["split"] == split).to_numpy()
-        write_npy(out / f"{split}_emb.npy", np.ascontiguousarray(emb[mask], dtype=np.float32))
-        write_csv(out / f"{split}_index.csv", rows.loc[mask, ["image", "source", "flip"]])
+        _write_split(out, "", rows, emb, split)
+    if fold_model is not None:
+        _write_split(out, "fold_", fold_rows, fold_emb, "train")
+    else:
+        for name in FOLD_FILES:  # those of an earlier refit run would be read as this run's
+            (out / name).unlink(missing_ok=True)
     test = (rows["split"] == "test").to_numpy()
     logits_note = _write_logits(out, loaded.heads, rows[test], emb[test], cfg.embed.logits_topk)
     report = {
         "checkpoint": loaded.info,
+        "fold_checkpoint": fold_model.info if fold_model is not None else None,
         "image_size": size,
         "flip_tta": cfg.embed.flip_tta,
         "shift_tta": cfg.embed.shift_tta,
@@ -317,20 +364,20 @@ def _run(cfg: Config, rt: Runtime) -> Path:
         "device": str(rt.device),
         "world_size": rt.world,
         "counts": counts | {"train_rows": int((~test).sum()), "test_rows": int(test.sum()),
-                            "crops_embedded": len(dataset), "dim": int(emb.shape[1])},
-        "images_per_s": round(len(dataset) / max(seconds, 1e-9), 2),
+                            "crops_embedded": n_crops, "dim": int(emb.shape[1])},
+        "images_per_s": round(n_crops / max(seconds, 1e-9), 2),
         "embed_seconds": round(seconds, 2),
         "logits": logits_note,
         "fingerprints": {
             "inputs": fingerprint_files([Path(cfg.paths.outputs) / STAGE_DIRS["crop"] / "crops.csv"]),
             "config": fingerprint_config({"embed": cfg.embed.to_dict(), "crop.sources": cfg.crop.sources}),
         },
-        "input_files": stage_inputs_record(_input_paths(cfg, loaded), cfg.paths.outputs),
+        "input_files": stage_inputs_record(_input_paths(cfg, loaded, fold_model), cfg.paths.outputs),
         "stale_inputs": stale,
         "seconds": round(time.time() - start, 2),
     }
     write_json(out / "report.json", report)
-    print(f"embedded {len(dataset)} crops at {report['images_per_s']:.1f} img/s with {loaded.info['kind']} "
+    print(f"embedded {n_crops} crops at {report['images_per_s']:.1f} img/s with {loaded.info['kind']} "
           f"checkpoint: {report['counts']['train_rows']} train rows, {report['counts']['test_rows']} test rows, "
           f"dim {emb.shape[1]} -> {out}")
     return out

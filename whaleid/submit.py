@@ -64,6 +64,9 @@ class Embeddings:
     test_index: pd.DataFrame
     logits: dict | None
     report: dict
+    # train.refit: the fold model's train embeddings, which validation and calibration use
+    fold_train: np.ndarray | None = None
+    fold_train_index: pd.DataFrame | None = None
 
 
 @dataclass
@@ -118,7 +121,12 @@ def load_embeddings(folder: Path) -> Embeddings:
         with np.load(folder / "test_logits.npz", allow_pickle=False) as z:
             logits = {key: z[key] for key in z.files}
     report = read_json(folder / "report.json") if (folder / "report.json").exists() else {}
-    return Embeddings(train, test, train_index, test_index, logits, report)
+    fold_train = fold_index = None
+    if report.get("fold_checkpoint"):  # train.refit: written by the same stage-03 run as the rest
+        fold_train, fold_index = _read_emb(folder / "fold_train_emb.npy", folder / "fold_train_index.csv")
+        if fold_train.shape[1] != train.shape[1]:
+            raise UserError(f"{folder / 'fold_train_emb.npy'} and train_emb.npy differ in size: rerun {EMBED_MADE_BY}")
+    return Embeddings(train, test, train_index, test_index, logits, report, fold_train, fold_index)
 
 
 def _train_lookup(catalogue: pd.DataFrame, images: pd.Series, what: str) -> pd.DataFrame:
@@ -232,11 +240,12 @@ def choose_threshold(cfg: Config, val: dict | None, test_top1: np.ndarray, repor
 # Validation fold
 # ---------------------------------------------------------------------------------------------
 
-def validation_ranking(cfg: Config, emb: Embeddings, rows: pd.DataFrame, label_species: np.ndarray,
+def validation_ranking(cfg: Config, train_emb: np.ndarray, rows: pd.DataFrame, label_species: np.ndarray,
                        top: int = 5) -> dict | None:
     """Rank the fold's train images against the other train images; None when there is no fold.
 
-    `rows` are the catalogue rows of the train embedding rows, aligned with them.
+    `rows` are the catalogue rows of the train embedding rows `train_emb`, aligned with them (with
+    train.refit, the fold model's embeddings: the refit model has trained on the fold).
     """
     fold = cfg.prepare.fold
     if fold < 0:
@@ -245,12 +254,12 @@ def validation_ranking(cfg: Config, emb: Embeddings, rows: pd.DataFrame, label_s
     if not is_query.any() or is_query.all():
         print(f"note: fold {fold} has no usable validation split among the embedded images; skipping validation")
         return None
-    r = rank(emb.train, rows["label"].to_numpy(), np.flatnonzero(~is_query), emb.train[is_query],
+    r = rank(train_emb, rows["label"].to_numpy(), np.flatnonzero(~is_query), train_emb[is_query],
              rows["image"].to_numpy()[is_query], cfg, top)
     truth_rows = rows[is_query].drop_duplicates("image").set_index("image").loc[r.images]
     truth = np.where(truth_rows["fold_new"].to_numpy(), knn.NEW_LABEL, truth_rows["label"].to_numpy())
     return {"ranking": r, "labels": r.labels, "scores": r.scores, "truth": truth, "is_query": is_query,
-            "species": _predicted_species(r.labels, label_species)}
+            "species": _predicted_species(r.labels, label_species), "emb": train_emb, "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,11 +344,15 @@ def rerank_rankings(
                     "unreadable": bad[:10], "unreadable_count": len(bad)}
     weight, how = r.default_weight, "rerank.default_weight (no validation fold)"
     if val is not None:
-        masked = np.where(val["is_query"][first], -1, gallery_labels)  # a fold image never verifies its fold
+        val_first = ~val["rows"]["image"].duplicated().to_numpy()
+        val_gallery_emb = _image_embeddings(val["emb"], val["rows"]["image"].to_numpy(), gallery_images)
+        is_query = pd.Index(val["rows"]["image"].to_numpy()[val_first & val["is_query"]])
+        masked = np.where(is_query.get_indexer(gallery_images) >= 0, -1, gallery_labels)  # a fold image never verifies its fold
         inl = rerank.candidate_inliers(val["labels"], [feats[k] for k in val_keys], gallery, masked,
                                        desc="verify validation",
                                        mirrored=[mirrored[k] for k in val_keys] if r.mirror else None,
-                                       query_emb=gallery_emb[pd.Index(gallery_images).get_indexer(val_images)], **opts)
+                                       query_emb=val_gallery_emb[pd.Index(gallery_images).get_indexer(val_images)],
+                                       **(opts | {"gallery_emb": val_gallery_emb}))
         by_weight = {}
         for w in r.weights:
             lab, sc, _ = rerank.apply(val["labels"], val["scores"], inl, w)
@@ -605,6 +618,7 @@ def _write_visual_report(
     if answers is None and val is not None:
         source = "validation"
         r, pred, labels, scores = val["ranking"], val["pred"], val["labels"], val["scores"]
+        rows = val["rows"]  # the rows the validation ranking indexes (the fold model's with train.refit)
         inliers = val.get("inliers")
         truth = list(val["truth_ids"])
     else:
@@ -656,7 +670,11 @@ def run(cfg: Config) -> Path:
     frequent = train_cat["label"].value_counts(sort=True).index.to_numpy()
 
     candidates = cfg.rerank.candidates if cfg.rerank.enabled else 5
-    val = validation_ranking(cfg, emb, rows, label_species, candidates)
+    if emb.fold_train is not None:  # train.refit: validate with the model that did not train on the fold
+        val = validation_ranking(cfg, emb.fold_train, _train_lookup(catalogue, emb.fold_train_index["image"],
+                                                                    "fold_train_index.csv"), label_species, candidates)
+    else:
+        val = validation_ranking(cfg, emb.train, rows, label_species, candidates)
     top = max(BLEND_CANDIDATES if cfg.knn.logit_weight > 0 else 5, candidates)
     test_rank = rank(emb.train, train_labels, np.arange(len(emb.train)), emb.test,
                      emb.test_index["image"].to_numpy(), cfg, top)

@@ -6,6 +6,12 @@ heads learning `lr_head_mult` times faster, linear warmup then cosine decay per 
 Each `val_every` epochs the fold's validation crops are ranked against the train part by kNN
 (`knn.evaluate_fold`), which calibrates the new_individual threshold and gives MAP@5.
 
+With `train.refit` (and a validation fold), a second model is then trained with the same recipe
+on every train image, the fold included, into `02_train/refit/` (the Kaggle "train on all data
+after validating" step): stage 03 embeds the gallery and the test images with it, and embeds the
+train images with the fold model too, so that stage 04 still calibrates on a fold the embeddings
+never trained on.
+
 Under `torchrun --nproc_per_node=N` each process trains on its DistributedSampler shard; the
 validation embeddings are sharded and gathered, metrics are computed on rank 0 and broadcast,
 and only rank 0 writes files.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,11 +39,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from whaleid import knn
-from whaleid.config import Config
+from whaleid.config import Config, config_from_dict, deep_merge
 from whaleid.dataset import CropDataset, eval_transform, train_transform
 from whaleid.errors import UserError
 from whaleid.inference import embed_dataset, resolve_device
 from whaleid.io import (
+    STAGE_DIRS,
     check_fresh,
     fingerprint_config,
     fingerprint_files,
@@ -467,12 +475,39 @@ def _load_history(out: Path, upto: int) -> list[dict]:
 
 # ---------------------------------------------------------------- the stage
 
+REFIT_DIR = "refit"
+
+
+def refit_active(cfg: Config) -> bool:
+    """Whether stage 02 trains the all-data refit model (needs a fold to validate on first)."""
+    return bool(cfg.train.refit) and cfg.prepare.fold != -1
+
+
+def refit_config(cfg: Config) -> Config:
+    """The fold run's config with no validation fold: the refit model trains on every train image."""
+    return config_from_dict(deep_merge(cfg.to_dict(), {"prepare": {"fold": -1}}))
+
+
 def run(cfg: Config, resume: bool = False) -> Path:
-    """Train, validate and checkpoint; returns the stage folder (outputs/02_train)."""
+    """Train, validate and checkpoint; returns the stage folder (outputs/02_train).
+
+    With `train.refit`, the refit model follows in outputs/02_train/refit. `resume` continues
+    whichever run was interrupted (a finished fold run is not trained again).
+    """
     check_train_config(cfg)
     rt = init_runtime(cfg)
+    out = Path(cfg.paths.outputs) / STAGE_DIRS["train"]
     try:
-        return _run(cfg, resume, rt)
+        _run(cfg, resume, rt, out)
+        if refit_active(cfg):
+            refit_out = out / REFIT_DIR
+            if rt.main:
+                print(f"refit: training the same recipe again on every train image (fold {cfg.prepare.fold} "
+                      f"included) -> {refit_out}", flush=True)
+            _run(refit_config(cfg), resume and (refit_out / "last.pt").exists(), rt, refit_out)
+        elif rt.main and (out / REFIT_DIR).exists():
+            shutil.rmtree(out / REFIT_DIR)  # a refit model of an earlier run would not match this one
+        return out
     finally:
         if rt.world > 1:
             dist.destroy_process_group()
@@ -499,10 +534,9 @@ def prepare_model(cfg: Config, rt: Runtime, splits: Splits, encoders: dict) -> t
     return model, heads, net
 
 
-def _run(cfg: Config, resume: bool, rt: Runtime) -> Path:
+def _run(cfg: Config, resume: bool, rt: Runtime, out: Path) -> Path:
     t0 = time.perf_counter()
     seed_everything(cfg.seed + rt.rank)
-    out = Path(cfg.paths.outputs) / "02_train"
     stale = check_fresh(Path(cfg.paths.outputs) / "01_crops" / "report.json", "01_detect_crop.py") if rt.main else []
     catalogue, crops, encoders = read_inputs(cfg)
     splits = make_splits(cfg, catalogue, crops, encoders)
@@ -519,6 +553,7 @@ def _run(cfg: Config, resume: bool, rt: Runtime) -> Path:
         start_epoch, best, threshold, history = _resume(out, cfg, encoders, model, heads, optimizer, scheduler)
     if rt.main:
         stage_dir(cfg, "train")
+        out.mkdir(parents=True, exist_ok=True)
         write_resolved_config(cfg, out)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         if sampler is not None:
