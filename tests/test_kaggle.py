@@ -76,11 +76,13 @@ def set_writable(folder: Path, writable: bool) -> None:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle built from an outputs folder holding a fake tiny best.pt (no last.pt)."""
+    """A bundle built from an outputs folder holding a fake tiny best.pt and refit/best.pt (no last.pt)."""
     tmp = tmp_path_factory.mktemp("bundle")
     train_dir = tmp / "outputs" / STAGE_DIRS["train"]
     train_dir.mkdir(parents=True)
     (train_dir / "best.pt").write_bytes(b"not a real checkpoint")
+    (train_dir / "refit").mkdir()
+    (train_dir / "refit" / "best.pt").write_bytes(b"not a real refit checkpoint")
     build(tmp / "kaggle_bundle", tmp / "outputs")
     return tmp / "kaggle_bundle"
 
@@ -105,11 +107,19 @@ def test_bundle_layout_and_manifest(bundle: Path) -> None:
         data = (bundle / entry["path"]).read_bytes()
         assert len(data) == entry["size"], entry["path"]
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["path"]
-    for rel in (*kb.SCRIPTS, "config.yaml", kb.KAGGLE_OVERLAY, "checkpoints/best.pt"):
+    for rel in (*kb.SCRIPTS, "config.yaml", kb.KAGGLE_OVERLAY, "checkpoints/best.pt", "checkpoints/refit/best.pt"):
         assert rel in on_disk
-    assert [s["item"] for s in manifest["skipped"]] == ["checkpoints/last.pt"]
+    assert [s["item"] for s in manifest["skipped"]] == ["checkpoints/last.pt"], "a missing refit model is no gap"
     assert {w["distribution"] for w in manifest["wheels"]} == {kb.PROJECT, *kb.KAGGLE_MISSING}
     assert not list(bundle.parent.glob(".kaggle_bundle.*")), "temporary build folder left behind"
+
+
+def test_inference_install_copies_the_refit_model_beside_the_fold_model(bundle: Path, tmp_path: Path) -> None:
+    train_dir = tmp_path / "outputs" / STAGE_DIRS["train"]
+    kb._install_checkpoints(bundle, train_dir)
+    assert (train_dir / "best.pt").read_bytes() == b"not a real checkpoint"
+    assert (train_dir / "refit" / "best.pt").read_bytes() == b"not a real refit checkpoint"
+    assert not (train_dir / "last.pt").exists() and not (train_dir / "refit" / "last.pt").exists()
 
 
 def _import_names(wheel: Path) -> list[str]:

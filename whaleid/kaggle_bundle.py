@@ -6,7 +6,8 @@ network at all, a folder to upload as a Kaggle dataset:
 
     wheels/        whaleid (built from this checkout) + the packages Kaggle's image lacks
                    (KAGGLE_MISSING), re-packed from the distributions installed here
-    checkpoints/   best.pt and last.pt of stage 02, when they exist
+    checkpoints/   best.pt and last.pt of stage 02, when they exist, and refit/best.pt, refit/last.pt
+                   (train.refit's all-data model) when stage 02 made them
     config.yaml, configs/kaggle.yaml, the five numbered scripts
     MANIFEST.json  every file with its size and sha256, and what was skipped and why
 
@@ -61,6 +62,9 @@ SCRIPTS: tuple[str, ...] = (
 )
 KAGGLE_OVERLAY = "configs/kaggle.yaml"
 CHECKPOINTS: tuple[str, ...] = ("best.pt", "last.pt")
+# train.refit's all-data model: optional, so a bundle without it lists nothing as skipped.
+# Stage 03 embeds with it when the notebook sets train.refit=true.
+REFIT_CHECKPOINTS: tuple[str, ...] = ("refit/best.pt", "refit/last.pt")
 MANIFEST = "MANIFEST.json"
 
 # What the notebook runs per mode. Inference skips training (02) but still needs the catalogue
@@ -296,6 +300,11 @@ def _copy_checkpoints(cfg: Config, dest: Path, bundle: Bundle) -> None:
         else:
             bundle.skip(f"checkpoints/{name}", f"{source} does not exist (run stage 02 first); "
                         "the notebook can then only run the full pipeline")
+    for name in REFIT_CHECKPOINTS:
+        source = train_dir / name
+        if source.exists():
+            (dest / "checkpoints" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / "checkpoints" / name)
 
 
 def _manifest(dest: Path, bundle: Bundle) -> dict:
@@ -412,9 +421,10 @@ def _install_checkpoints(bundle_dir: Path, train_dir: Path) -> None:
         raise UserError(f"{bundle_dir}/checkpoints/best.pt is missing: train (stage 02) before building the "
                         "bundle, or run the notebook with MODE = 'full'")
     train_dir.mkdir(parents=True, exist_ok=True)
-    for name in CHECKPOINTS:
+    for name in (*CHECKPOINTS, *REFIT_CHECKPOINTS):
         source = bundle_dir / "checkpoints" / name
         if source.exists():
+            (train_dir / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, train_dir / name)
 
 
