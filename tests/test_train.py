@@ -151,6 +151,11 @@ def test_resume_continues_both_runs_and_refit_off_drops_a_stale_refit(trained: P
         assert json.loads((sub / "report.json").read_text())["resumed_from_epoch"] == 1
     run(tiny_cfg(outputs, "train.refit=false", pseudo))
     assert not (folder / "refit").exists(), "a refit model of another run would be embedded by stage 03"
+    (folder / "refit").mkdir()
+    (folder / "refit" / "best.pt").write_bytes(b"an earlier run's refit model")
+    with pytest.raises(UserError, match="NaN"):  # a fresh run that fails in its fold part
+        run(tiny_cfg(outputs, "train.refit=true", "loss.s=.nan", pseudo))
+    assert not (folder / "refit").exists(), "stage 03 would pair the earlier refit model with the new fold model"
     run(tiny_cfg(outputs, "train.refit=true", pseudo))
     assert (folder / "refit" / "best.pt").exists()
     run(tiny_cfg(outputs, "prepare.fold=-1", "train.refit=true", pseudo))  # no fold: the model already trains on everything

@@ -497,16 +497,16 @@ def run(cfg: Config, resume: bool = False) -> Path:
     check_train_config(cfg)
     rt = init_runtime(cfg)
     out = Path(cfg.paths.outputs) / STAGE_DIRS["train"]
+    refit_out = out / REFIT_DIR
     try:
+        if rt.main and refit_out.exists() and not (resume and refit_active(cfg)):
+            shutil.rmtree(refit_out)  # a refit model of an earlier run would not match this run's fold model
         _run(cfg, resume, rt, out)
         if refit_active(cfg):
-            refit_out = out / REFIT_DIR
             if rt.main:
                 print(f"refit: training the same recipe again on every train image (fold {cfg.prepare.fold} "
                       f"included) -> {refit_out}", flush=True)
             _run(refit_config(cfg), resume and (refit_out / "last.pt").exists(), rt, refit_out)
-        elif rt.main and (out / REFIT_DIR).exists():
-            shutil.rmtree(out / REFIT_DIR)  # a refit model of an earlier run would not match this one
         return out
     finally:
         if rt.world > 1:
