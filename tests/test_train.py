@@ -178,7 +178,7 @@ def test_missing_inputs_name_the_stage(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     outputs = make_tiny_outputs(tmp_path / "outputs")
-    sets = [f"paths.outputs={outputs}", *TINY_SETS, "device=cpu", "train.batch_size=4"]
+    sets = [f"paths.outputs={outputs}", *TINY_SETS, "device=cpu", "train.batch_size=4", "train.refit=true"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(ROOT / "02_train_arcface.py")]
     for s in sets:
@@ -190,3 +190,5 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     assert metrics["epoch"].tolist() == [1]
     report = json.loads((outputs / "02_train" / "report.json").read_text())
     assert report["world_size"] == 2
+    refit = json.loads((outputs / "02_train" / "refit" / "report.json").read_text())  # the refit in the same group
+    assert refit["world_size"] == 2 and refit["fold"] == -1 and refit["train_samples"] == (N_IDS + NEW_IDS) * PER_ID
