@@ -13,11 +13,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from whaleid.config import load_config
 from whaleid.errors import UserError
 from whaleid.model import load_checkpoint
-from whaleid.train import METRIC_COLUMNS, run
+from whaleid.train import METRIC_COLUMNS, Runtime, imprint, make_splits, prepare_model, read_inputs, run
 
 ROOT = Path(__file__).resolve().parent.parent
 N_IDS, PER_ID, NEW_IDS = 6, 4, 1
@@ -170,9 +171,95 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(trained: Path, tmp_path: Path)
     assert (outputs / "02_train" / "last.pt").read_bytes() == before
 
 
+def _head_accuracy(model, heads, splits, size: int) -> float:
+    """Share of training crops whose nearest individual centre (eval mode) is their own individual."""
+    from whaleid.dataset import CropDataset, eval_transform
+
+    data = CropDataset(splits.train["crop_path"], transform=eval_transform(size))
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        cos = heads.individual.cosine(model.eval()(x))
+    return float((cos.argmax(1).numpy() == splits.train["label"].to_numpy()).mean())
+
+
+def test_imprint_starts_each_centre_at_its_class_mean(tmp_path: Path) -> None:
+    cfg = tiny_cfg(make_tiny_outputs(tmp_path / "outputs"), "train.imprint=true", "loss.k=1")
+    catalogue, crops, encoders = read_inputs(cfg)
+    splits = make_splits(cfg, catalogue, crops, encoders)
+    rt = Runtime(0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    model, heads, _ = prepare_model(cfg, rt, splits, encoders)
+    random_start = heads.individual.weight.detach().clone()
+    assert _head_accuracy(model, heads, splits, 32) < 0.5, "random centres classify at chance"
+    counts = imprint(cfg, model, heads, splits, rt)
+    assert counts == {"individuals": N_IDS, "species": 2}
+    assert _head_accuracy(model, heads, splits, 32) == 1.0, "every crop is nearest its own class mean"
+    after = heads.individual.weight.detach()
+    assert torch.equal(after[N_IDS], random_start[N_IDS]), "the validation-only individual keeps its random centre"
+    # known answer: each centre is the mean direction of its crops' standardised embeddings
+    from whaleid.dataset import CropDataset, eval_transform
+
+    data = CropDataset(splits.train["crop_path"], transform=eval_transform(32))
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        z = model.neck[1](model.eval().pooled(x))
+    assert torch.allclose(model.neck[2].running_mean, z.mean(0), atol=1e-4)
+    assert torch.allclose(model.neck[2].running_var, z.var(0, unbiased=False), atol=1e-4)
+    emb = torch.nn.functional.normalize(model.neck[2](z), dim=1)  # eval-mode BatchNorm = the standardisation
+    labels = torch.as_tensor(np.array(splits.train["label"], dtype=np.int64))
+    for c in range(N_IDS):
+        mean = torch.nn.functional.normalize(emb[labels == c].mean(0), dim=0)
+        assert torch.allclose(torch.nn.functional.normalize(after[c], dim=0), mean, atol=1e-4), c
+
+
+def test_imprint_parts_sub_centres_and_runs_on_fresh_starts_only(tmp_path: Path) -> None:
+    outputs = make_tiny_outputs(tmp_path / "outputs")
+    cfg = tiny_cfg(outputs, "train.imprint=true")  # loss.k=2
+    catalogue, crops, encoders = read_inputs(cfg)
+    splits = make_splits(cfg, catalogue, crops, encoders)
+    rt = Runtime(0, 1, torch.device("cpu"))
+    model, heads, _ = prepare_model(cfg, rt, splits, encoders)
+    imprint(cfg, model, heads, splits, rt)
+    w = torch.nn.functional.normalize(heads.individual.weight.detach().view(N_IDS + NEW_IDS, 2, -1), dim=2)
+    cos = (w[:N_IDS, 0] * w[:N_IDS, 1]).sum(1)
+    assert (cos > 0.9).all() and (cos < 0.9999).all(), "sub-centres start near the class mean, not equal"
+    folder = run(tiny_cfg(outputs, "train.imprint=true", "train.refit=true"))
+    assert json.loads((folder / "report.json").read_text())["imprinted"] == {"individuals": N_IDS, "species": 2}
+    refit = json.loads((folder / "refit" / "report.json").read_text())["imprinted"]
+    assert refit == {"individuals": N_IDS + NEW_IDS, "species": 2}, "the refit imprints every individual"
+    folder = run(tiny_cfg(outputs, "train.imprint=true", "train.epochs=2"), resume=True)
+    assert json.loads((folder / "report.json").read_text())["imprinted"] is None, "resume keeps the trained heads"
+    assert json.loads((run(tiny_cfg(outputs)) / "report.json").read_text())["imprinted"] is None
+
+
 def test_missing_inputs_name_the_stage(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="00_prepare_data.py"):
         run(tiny_cfg(tmp_path / "nothing"))
+
+
+def _imprinted(cfg, rt: Runtime) -> dict:
+    """Imprint a freshly seeded model; the individual centres and the neck's running mean."""
+    catalogue, crops, encoders = read_inputs(cfg)
+    splits = make_splits(cfg, catalogue, crops, encoders)
+    torch.manual_seed(0)
+    model, heads, _ = prepare_model(cfg, rt, splits, encoders)
+    imprint(cfg, model, heads, splits, rt)
+    return {"centres": heads.individual.weight.detach().cpu(), "running_mean": model.neck[2].running_mean.cpu()}
+
+
+IMPRINT_SCRIPT = f"""
+import sys
+import torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from test_train import _imprinted, tiny_cfg
+from whaleid.train import init_runtime
+cfg = tiny_cfg(sys.argv[1], "device=cpu")
+rt = init_runtime(cfg)
+result = _imprinted(cfg, rt)
+if rt.main:
+    torch.save(result, sys.argv[2])
+torch.distributed.destroy_process_group()
+"""
 
 
 @pytest.mark.slow
@@ -186,6 +273,17 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # imprinting in the process group: each rank embeds a shard, the gathered centres equal one process's
+    script = tmp_path / "imprint_ddp.py"
+    script.write_text(IMPRINT_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+           str(script), str(outputs), str(tmp_path / "ddp_centres.pt")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp_centres.pt")
+    single = _imprinted(tiny_cfg(outputs, "device=cpu"), Runtime(0, 1, torch.device("cpu")))
+    assert torch.allclose(ddp["centres"], single["centres"], atol=1e-4)
+    assert torch.allclose(ddp["running_mean"], single["running_mean"], atol=1e-4)
     metrics = pd.read_csv(outputs / "02_train" / "metrics.csv")
     assert metrics["epoch"].tolist() == [1]
     report = json.loads((outputs / "02_train" / "report.json").read_text())

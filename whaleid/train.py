@@ -414,6 +414,67 @@ def validate(cfg: Config, model: EmbeddingModel, splits: Splits, rt: Runtime) ->
     return result[0]
 
 
+# ---------------------------------------------------------------- imprinted start
+
+@torch.no_grad()
+def imprint(cfg: Config, model: EmbeddingModel, heads: nn.Module, splits: Splits, rt: Runtime) -> dict:
+    """Start the heads at the training images' class means (weight imprinting, Qi et al. CVPR 2018).
+
+    A random head gives an individual with one or two photos a meaningless target for most of a
+    short schedule; imprinted, its centre starts where its photos already are. One pass of the
+    untrained model over the training crops (eval resize, no augmentation) gives the neck's
+    linear outputs z; the neck's BatchNorm running statistics are set to their mean and variance
+    (what the training-mode BatchNorm will compute), and each class centre (every sub-centre) of
+    the individual and species heads becomes the mean direction of its images' standardised
+    embeddings. Classes without a training image keep their random centres. Every rank computes
+    the same result (the shards are gathered). Sub-centres keep a tenth of their random start,
+    so that they can part.
+    """
+    dataset = CropDataset(splits.train["crop_path"], transform=eval_transform(cfg.train.image_size))
+    idx = np.arange(rt.rank, len(dataset), rt.world)
+    loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=cfg.train.batch_size * 2,
+                        num_workers=cfg.train.workers, pin_memory=rt.device.type == "cuda")
+    linear, norm = model.neck[1], model.neck[2]
+    was_training = model.training
+    model.eval()
+    parts = []
+    for images, *_ in tqdm(loader, desc="imprint", unit="batch", disable=not rt.main, leave=False, dynamic_ncols=True):
+        x = images.to(rt.device, non_blocking=True)
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.device.type == "cuda" and cfg.train.amp):
+            parts.append(linear(model.pooled(x)).float())
+    z = torch.cat(parts) if parts else torch.zeros(0, linear.out_features, device=rt.device)
+    if rt.world > 1:
+        gathered: list[Any] = [None] * rt.world
+        dist.all_gather_object(gathered, (idx, z.cpu()))
+        full = torch.zeros(len(dataset), linear.out_features)
+        for shard_idx, part in gathered:
+            full[torch.as_tensor(shard_idx, dtype=torch.long)] = part
+        z = full.to(rt.device)
+    model.train(was_training)
+    mean, var = z.mean(0), z.var(0, unbiased=False)
+    norm.running_mean.copy_(mean)
+    norm.running_var.copy_(var)
+    emb = torch.nn.functional.normalize((z - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias, dim=1)
+    counts = {}
+    for name, head, codes in (("individuals", heads.individual, splits.train["label"]),
+                              ("species", heads.species, splits.train["species_label"])):
+        codes = torch.as_tensor(np.array(codes, dtype=np.int64), device=rt.device)
+        keep = (codes >= 0) & (codes < head.n_classes)
+        sums = torch.zeros(head.n_classes, emb.shape[1], device=rt.device).index_add_(0, codes[keep], emb[keep])
+        present = torch.bincount(codes[keep], minlength=head.n_classes) > 0
+        centres = torch.nn.functional.normalize(sums, dim=1)
+        weight = head.weight.view(head.n_classes, head.k, -1)
+        scale = weight.norm(dim=2, keepdim=True).mean()  # keep the init's norm; only the direction matters
+        start = centres[present, None, :] * scale
+        if head.k > 1:  # sub-centres that start equal would stay equal (max ties share the gradient)
+            start = start + 0.1 * weight[present]
+        weight[present] = start.to(weight.dtype)
+        counts[name] = int(present.sum())
+    return counts
+
+
 # ---------------------------------------------------------------- artifacts
 
 def checkpoint_dict(
@@ -545,6 +606,12 @@ def _run(cfg: Config, resume: bool, rt: Runtime, out: Path) -> Path:
     dataset = CropDataset(splits.train["crop_path"], splits.train["label"], splits.train["species_label"], tf)
     loader, sampler = train_loader(cfg, dataset, rt)
     model, heads, net = prepare_model(cfg, rt, splits, encoders)
+    imprinted = None
+    if cfg.train.imprint and not resume:
+        imprinted = imprint(cfg, model, heads, splits, rt)
+        if rt.main:
+            print(f"imprint: heads start at the class means of {imprinted['individuals']} individuals "
+                  f"and {imprinted['species']} species", flush=True)
     optimizer = make_optimizer(cfg, model, heads)
     steps_per_epoch = math.ceil(len(loader) / cfg.train.accum_steps)
     scheduler = make_scheduler(optimizer, cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch)
@@ -575,7 +642,7 @@ def _run(cfg: Config, resume: bool, rt: Runtime, out: Path) -> Path:
             _write_epoch(out, history, checkpoint_dict(cfg, model, heads, encoders, splits, epoch, optimizer, scheduler, best, threshold), improved)
             print(_epoch_line(history[-1]), flush=True)
     if rt.main:
-        _write_report(cfg, out, splits, history, rt, time.perf_counter() - t0, best, threshold, start_epoch, stale)
+        _write_report(cfg, out, splits, history, rt, time.perf_counter() - t0, best, threshold, start_epoch, stale, imprinted)
     return out
 
 
@@ -620,7 +687,7 @@ def _epoch_line(row: dict) -> str:
 
 def _write_report(
     cfg: Config, out: Path, splits: Splits, history: list[dict], rt: Runtime,
-    seconds: float, best: float, threshold: float, start_epoch: int, stale: list[str],
+    seconds: float, best: float, threshold: float, start_epoch: int, stale: list[str], imprinted: dict | None,
 ) -> None:
     """report.json: data sizes, history, best metric, what the run was made from, stale inputs."""
     prepared = Path(cfg.paths.outputs) / "00_prepare"
@@ -638,6 +705,7 @@ def _write_report(
         "fold": cfg.prepare.fold,
         "epochs": cfg.train.epochs,
         "resumed_from_epoch": start_epoch,
+        "imprinted": imprinted,
         "best_map5": best,
         "threshold": threshold,
         "device": str(rt.device),
