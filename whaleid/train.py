@@ -4,7 +4,8 @@ Recipe of the Happywhale 1st-place solution, scaled to the config: every crop so
 training sample, sub-centre ArcFace with dynamic margins plus a species head, AdamW with the
 heads learning `lr_head_mult` times faster, linear warmup then cosine decay per optimiser step.
 Each `val_every` epochs the fold's validation crops are ranked against the train part by kNN
-(`knn.evaluate_fold`), which calibrates the new_individual threshold and gives MAP@5.
+(`knn.evaluate_fold`), which calibrates the new_individual threshold and gives MAP@5. With
+`train.imprint` the class centres start at the mean embedding of their images (`imprint`).
 
 With `train.refit` (and a validation fold), a second model is then trained with the same recipe
 on every train image, the fold included, into `02_train/refit/` (the Kaggle "train on all data
