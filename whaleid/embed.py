@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,7 +47,7 @@ from whaleid.io import (
     write_resolved_config,
 )
 from whaleid.model import build_model, load_checkpoint
-from whaleid.train import REFIT_DIR, Runtime, init_runtime, refit_active
+from whaleid.train import REFIT_DIR, Runtime, gather_shards, init_runtime, refit_active
 
 CROP_MADE_BY = "01_detect_crop.py"
 CROPS_COLUMNS = ("image", "split", "source", "crop_path")
@@ -189,18 +188,8 @@ def embed_sharded(
                          workers=cfg.embed.workers, device=rt.device, amp=cfg.embed.amp,
                          flip=cfg.embed.flip_tta, raw=raw, desc=f"embed rank {rt.rank}",
                          shift=cfg.embed.shift_tta)
-    if rt.world == 1:
-        return part
-    parts: list[Any] = [None] * rt.world
-    dist.all_gather_object(parts, (idx, part))
-    if not rt.main:
-        return None
-    shape = next(p.shape[1:] for i, p in parts if len(i))
-    out = np.zeros((len(dataset), *shape), dtype=np.float32)
-    for shard_idx, emb in parts:
-        if len(shard_idx):
-            out[shard_idx] = emb
-    return out
+    out = gather_shards(rt, len(dataset), idx, part)
+    return out if rt.main else None
 
 
 def expand_flips(rows: pd.DataFrame, emb: np.ndarray, flip: str) -> tuple[pd.DataFrame, np.ndarray]:
@@ -302,10 +291,15 @@ def run(cfg: Config) -> Path:
             dist.destroy_process_group()
 
 
+def input_size(cfg: Config, loaded: Loaded) -> int:
+    """The model's input side: `embed.image_size`, or the size the checkpoint trained at."""
+    return cfg.embed.image_size or loaded.config.train.image_size
+
+
 def _embed_rows(cfg: Config, rt: Runtime, loaded: Loaded, rows: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, int, float]:
     """Embed `rows` with `loaded`: (index rows, embeddings) after flips and sources are merged
     (None on ranks other than 0), the number of crops and the seconds the model took."""
-    size = cfg.embed.image_size or loaded.config.train.image_size
+    size = input_size(cfg, loaded)
     # shift TTA: resized 2 x shift px larger, then cut into five crops of `size` (whaleid.inference)
     dataset = CropDataset(rows["crop_path"].tolist(), transform=eval_transform(size + 2 * cfg.embed.shift_tta))
     t0 = time.perf_counter()
@@ -331,7 +325,6 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     loaded = load_model(cfg, refit=refit)
     fold_model = load_model(cfg) if refit else None
     stale = check_checkpoint_inputs(cfg, loaded) if rt.main else []
-    size = cfg.embed.image_size or loaded.config.train.image_size
     all_rows, counts = crop_rows(cfg)
     if all_rows.empty:
         raise UserError(f"no crop of a catalogue image to embed: rerun {CROP_MADE_BY}")
@@ -356,7 +349,7 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     report = {
         "checkpoint": loaded.info,
         "fold_checkpoint": fold_model.info if fold_model is not None else None,
-        "image_size": size,
+        "image_size": input_size(cfg, loaded),
         "flip_tta": cfg.embed.flip_tta,
         "shift_tta": cfg.embed.shift_tta,
         "sources": list(cfg.crop.sources),

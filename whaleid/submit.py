@@ -345,7 +345,8 @@ def rerank_rankings(
     weight, how = r.default_weight, "rerank.default_weight (no validation fold)"
     if val is not None:
         val_first = ~val["rows"]["image"].duplicated().to_numpy()
-        val_gallery_emb = _image_embeddings(val["emb"], val["rows"]["image"].to_numpy(), gallery_images)
+        val_gallery_emb = (gallery_emb if val["emb"] is emb.train  # without refit: the same vectors
+                           else _image_embeddings(val["emb"], val["rows"]["image"].to_numpy(), gallery_images))
         is_query = pd.Index(val["rows"]["image"].to_numpy()[val_first & val["is_query"]])
         masked = np.where(is_query.get_indexer(gallery_images) >= 0, -1, gallery_labels)  # a fold image never verifies its fold
         inl = rerank.candidate_inliers(val["labels"], [feats[k] for k in val_keys], gallery, masked,

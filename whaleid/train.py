@@ -377,6 +377,21 @@ def train_epoch(
     return float(total[0] / total[1]), float(total[1]) / elapsed
 
 
+def gather_shards(rt: Runtime, n: int, idx: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """The (n, ...) float32 rows every rank computed for its strided shard `idx` (rank, rank +
+    world, ...), put back in order on every rank; `part` itself in a single process."""
+    if rt.world == 1:
+        return part
+    parts: list[Any] = [None] * rt.world
+    dist.all_gather_object(parts, (idx, part))
+    shape = next((p.shape[1:] for i, p in parts if len(i)), (0,))
+    out = np.zeros((n, *shape), dtype=np.float32)
+    for shard_idx, rows in parts:
+        if len(shard_idx):
+            out[shard_idx] = rows
+    return out
+
+
 # ---------------------------------------------------------------- validation
 
 def _embed_sharded(cfg: Config, model: EmbeddingModel, dataset: CropDataset, rt: Runtime, desc: str) -> np.ndarray:
@@ -386,15 +401,7 @@ def _embed_sharded(cfg: Config, model: EmbeddingModel, dataset: CropDataset, rt:
         model, Subset(dataset, idx.tolist()), batch_size=cfg.train.batch_size * 2, workers=cfg.train.workers,
         device=rt.device, amp=cfg.train.amp, flip="average", desc=desc,
     )
-    if rt.world == 1:
-        return part
-    parts: list[Any] = [None] * rt.world
-    dist.all_gather_object(parts, (idx, part))
-    out = np.zeros((len(dataset), model.neck[1].out_features), dtype=np.float32)
-    for shard_idx, emb in parts:
-        if len(shard_idx):
-            out[shard_idx] = emb
-    return out
+    return gather_shards(rt, len(dataset), idx, part)
 
 
 def validate(cfg: Config, model: EmbeddingModel, splits: Splits, rt: Runtime) -> dict:
@@ -445,14 +452,8 @@ def imprint(cfg: Config, model: EmbeddingModel, heads: nn.Module, splits: Splits
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.device.type == "cuda" and cfg.train.amp):
             parts.append(linear(model.pooled(x)).float())
-    z = torch.cat(parts) if parts else torch.zeros(0, linear.out_features, device=rt.device)
-    if rt.world > 1:
-        gathered: list[Any] = [None] * rt.world
-        dist.all_gather_object(gathered, (idx, z.cpu()))
-        full = torch.zeros(len(dataset), linear.out_features)
-        for shard_idx, part in gathered:
-            full[torch.as_tensor(shard_idx, dtype=torch.long)] = part
-        z = full.to(rt.device)
+    z = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, linear.out_features), dtype=np.float32)
+    z = torch.from_numpy(gather_shards(rt, len(dataset), idx, z)).to(rt.device)
     model.train(was_training)
     mean, var = z.mean(0), z.var(0, unbiased=False)
     norm.running_mean.copy_(mean)
