@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from whaleid import inference
 from whaleid.config import load_config
 from whaleid.dataset import CropDataset, eval_transform, train_transform
 from whaleid.errors import UserError
-from whaleid.inference import embed_dataset, shifted_crops
+from whaleid.inference import bf16_inference, embed_dataset, shifted_crops
 from whaleid.io import torch_save
 from whaleid.losses import build_heads
 from whaleid.model import GeM, build_model, load_checkpoint
@@ -103,6 +104,36 @@ def test_dataset_and_flip_tta(tmp_path: Path, cfg) -> None:
 
     with pytest.raises(UserError, match="missing.jpg"):
         CropDataset([str(tmp_path / "missing.jpg")])[0]
+
+
+def test_bf16_inference_where_the_hardware_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda native=native: native)
+        assert bf16_inference(cpu) is native and bf16_inference(cuda) is True
+        assert bf16_inference(cpu, amp=False) is False and bf16_inference(cuda, amp=False) is False
+
+
+def test_cpu_bf16_embeddings_match_float32(tmp_path: Path, cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with native bf16 `amp` embeds under bf16 autocast: not bit-equal to float32 (so
+    autocast did run), but the same directions; without native bf16 it is float32 exactly."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"{i}.jpg"
+        cv2.imwrite(str(p), cv2.resize(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), (48, 48)))
+        paths.append(str(p))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ds, cpu = CropDataset(paths, transform=eval_transform(48)), torch.device("cpu")
+    fp32 = embed_dataset(model, ds, 2, 0, cpu, amp=False, flip="average")
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    bf16 = embed_dataset(model, ds, 2, 0, cpu, amp=True, flip="average")
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)
+    cosine = (bf16 * fp32).sum(axis=1)
+    assert cosine.min() > 0.99, cosine
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    np.testing.assert_array_equal(embed_dataset(model, ds, 2, 0, cpu, amp=True, flip="average"), fp32)
 
 
 def test_shifted_crops_known_answer() -> None:

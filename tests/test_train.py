@@ -1,7 +1,9 @@
-"""Stage 02 end to end on a tiny generated catalogue: artifacts, resume, NaN stop, DDP on gloo."""
+"""Stage 02 end to end on a tiny generated catalogue: artifacts, resume, NaN stop, DDP on gloo
+(stage 03 under torchrun too)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from whaleid.config import load_config
+from whaleid.embed import run as embed_run
 from whaleid.errors import UserError
 from whaleid.model import load_checkpoint
 from whaleid.train import METRIC_COLUMNS, Runtime, imprint, make_splits, prepare_model, read_inputs, run
@@ -183,7 +186,8 @@ def _head_accuracy(model, heads, splits, size: int) -> float:
 
 
 def test_imprint_starts_each_centre_at_its_class_mean(tmp_path: Path) -> None:
-    cfg = tiny_cfg(make_tiny_outputs(tmp_path / "outputs"), "train.imprint=true", "loss.k=1")
+    # train.amp=false: the known answer below is computed in float32 (amp would use bf16 on CPUs that have it)
+    cfg = tiny_cfg(make_tiny_outputs(tmp_path / "outputs"), "train.imprint=true", "loss.k=1", "train.amp=false")
     catalogue, crops, encoders = read_inputs(cfg)
     splits = make_splits(cfg, catalogue, crops, encoders)
     rt = Runtime(0, 1, torch.device("cpu"))
@@ -253,7 +257,7 @@ import torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from test_train import _imprinted, tiny_cfg
 from whaleid.train import init_runtime
-cfg = tiny_cfg(sys.argv[1], "device=cpu")
+cfg = tiny_cfg(sys.argv[1], "device=cpu", "train.amp=false")
 rt = init_runtime(cfg)
 result = _imprinted(cfg, rt)
 if rt.main:
@@ -281,7 +285,7 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp_centres.pt")
-    single = _imprinted(tiny_cfg(outputs, "device=cpu"), Runtime(0, 1, torch.device("cpu")))
+    single = _imprinted(tiny_cfg(outputs, "device=cpu", "train.amp=false"), Runtime(0, 1, torch.device("cpu")))
     assert torch.allclose(ddp["centres"], single["centres"], atol=1e-4)
     assert torch.allclose(ddp["running_mean"], single["running_mean"], atol=1e-4)
     metrics = pd.read_csv(outputs / "02_train" / "metrics.csv")
@@ -290,3 +294,27 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     assert report["world_size"] == 2
     refit = json.loads((outputs / "02_train" / "refit" / "report.json").read_text())  # the refit in the same group
     assert refit["world_size"] == 2 and refit["fold"] == -1 and refit["train_samples"] == (N_IDS + NEW_IDS) * PER_ID
+    # stage 03 in a group of 3 (shards of 10, 9 and 9 crops): rank 0 gathers the same files as one process
+    embed = outputs / "03_embed"
+    # float32 (embed.amp=false): bf16 kernels may round differently for the shards' batch sizes
+    sets03 = [f"paths.outputs={outputs}", *TINY_SETS, "device=cpu", "train.refit=true", "embed.workers=0", "embed.amp=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_port=29535",
+           str(ROOT / "03_embed.py")]
+    for s in sets03:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((embed / "report.json").read_text())["world_size"] == 3
+    files = ["train_emb.npy", "train_index.csv", "fold_train_emb.npy", "fold_train_index.csv"]
+    ddp_files = {name: (embed / name).read_bytes() for name in files}
+    embed_run(load_config(sets=sets03))
+    assert json.loads((embed / "report.json").read_text())["world_size"] == 1
+    for name in files:
+        if name.endswith(".csv"):
+            assert (embed / name).read_bytes() == ddp_files[name], name
+        else:
+            single, ddp_emb = np.load(embed / name), np.load(io.BytesIO(ddp_files[name]))
+            assert single.shape == ddp_emb.shape == ((N_IDS + NEW_IDS) * PER_ID, 32), name
+            np.testing.assert_allclose(ddp_emb, single, atol=1e-5, err_msg=name)
+    # the refit model embeds the gallery, the fold model the validation copy: not the same vectors
+    assert not np.allclose(np.load(embed / "train_emb.npy"), np.load(embed / "fold_train_emb.npy"), atol=1e-3)

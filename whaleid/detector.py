@@ -35,6 +35,7 @@ from whaleid.boxes import BOX_COLUMNS, Box, box_problem, from_letterbox, iou, to
 from whaleid.config import Config
 from whaleid.errors import UserError
 from whaleid.images import read_image, resize_square
+from whaleid.inference import bf16_inference
 from whaleid.io import fingerprint_config, torch_save
 
 VAL_SHARE = 0.1       # held-out share of the training boxes for the per-epoch validation IoU
@@ -119,9 +120,10 @@ class Detector:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stride-16 and stride-32 features of a normalised batch (bf16 autocast on CUDA)."""
+        """Stride-16 and stride-32 features of a normalised batch (bf16 autocast on CUDA and on
+        CPUs with native bf16: `inference.bf16_inference`)."""
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_inference(self.device)):
             maps = self.backbone(images)
         return maps[-2].float(), maps[-1].float()
 

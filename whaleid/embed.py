@@ -30,7 +30,7 @@ from whaleid.catalogue import load_catalogue, load_encoders
 from whaleid.config import Config, config_from_dict
 from whaleid.dataset import CropDataset, eval_transform
 from whaleid.errors import UserError
-from whaleid.inference import FLIPS, embed_dataset
+from whaleid.inference import FLIPS, bf16_inference, embed_dataset
 from whaleid.io import (
     STAGE_DIRS,
     atomic_path,
@@ -355,6 +355,7 @@ def _run(cfg: Config, rt: Runtime) -> Path:
         "sources": list(cfg.crop.sources),
         "sources_merge": cfg.embed.sources_merge,
         "device": str(rt.device),
+        "precision": "bf16 autocast" if bf16_inference(rt.device, cfg.embed.amp) else "float32",
         "world_size": rt.world,
         "counts": counts | {"train_rows": int((~test).sum()), "test_rows": int(test.sum()),
                             "crops_embedded": n_crops, "dim": int(emb.shape[1])},

@@ -1,10 +1,12 @@
-"""Batched embedding of a dataset: device choice, bf16 autocast on CUDA, flip and shift TTA.
+"""Batched embedding of a dataset: device choice, bf16 autocast (CUDA, and CPUs with native bf16),
+flip and shift TTA.
 
 Used by stage 02 (validation), stage 03 (train/test embeddings) and the untrained-features floor.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -29,6 +31,24 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN
+    emulates bf16, slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def bf16_inference(device: torch.device, amp: bool = True) -> bool:
+    """Whether inference on `device` runs under bf16 autocast when `amp` allows it: always on CUDA;
+    on the CPU where it has native bf16 (right whale embedding 2.4x faster there at the same
+    MAP@5). Training steps on the CPU stay float32: bf16 was not faster for Lite0's depthwise
+    convolutions."""
+    if not amp:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
 def _embed_batch(model: nn.Module, x: torch.Tensor, raw: bool) -> torch.Tensor:
@@ -70,6 +90,7 @@ def embed_dataset(
     if flip not in FLIPS:
         raise UserError(f"unknown flip mode {flip!r}; valid: {list(FLIPS)}")
     cuda = device.type == "cuda"
+    bf16 = bf16_inference(device, amp)
     model.eval().to(device, memory_format=torch.channels_last)  # faster on CUDA and on the CPU (oneDNN)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -86,7 +107,7 @@ def embed_dataset(
             crops = shifted_crops(torch.flip(x, dims=[3]) if flipped else x, shift)
             # the five shifted crops go through the model as one batch (one call, better GPU use)
             batch_in = crops[0] if len(crops) == 1 else torch.cat(crops).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and cuda):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 unit = F.normalize(_embed_batch(model, batch_in, raw).float(), dim=1)
             views.append(F.normalize(unit.view(len(crops), len(x), -1).sum(0), dim=1))
         if flip == "average":

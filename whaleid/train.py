@@ -43,7 +43,7 @@ from whaleid import knn
 from whaleid.config import Config, config_from_dict, deep_merge
 from whaleid.dataset import CropDataset, eval_transform, train_transform
 from whaleid.errors import UserError
-from whaleid.inference import embed_dataset, resolve_device
+from whaleid.inference import bf16_inference, embed_dataset, resolve_device
 from whaleid.io import (
     STAGE_DIRS,
     check_fresh,
@@ -450,7 +450,7 @@ def imprint(cfg: Config, model: EmbeddingModel, heads: nn.Module, splits: Splits
         x = images.to(rt.device, non_blocking=True)
         if cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.device.type == "cuda" and cfg.train.amp):
+        with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=bf16_inference(rt.device, cfg.train.amp)):
             parts.append(linear(model.pooled(x)).float())
     z = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, linear.out_features), dtype=np.float32)
     z = torch.from_numpy(gather_shards(rt, len(dataset), idx, z)).to(rt.device)
