@@ -59,8 +59,10 @@ def bare_loop(model: torch.nn.Module, n: int, batch: int, size: int, device: tor
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)  # as the loader yields
     x = x.contiguous(memory_format=torch.channels_last)
 
+    bf16 = bf16_inference(device, amp)
+
     def step() -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16_inference(device, amp)):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             model(x)
             if flip:
                 model(torch.flip(x, dims=[3]))
@@ -131,8 +133,7 @@ def main() -> None:
         bare: dict[str, float] = {}
         for _ in range(args.repeats):  # alternated: drifts of a shared machine hit every precision alike
             for name, amp in precisions:
-                real.setdefault(name, 0.0)
-                real[name] = max(real[name], real_path(model, paths, args, device, amp))
+                real[name] = max(real.get(name, 0.0), real_path(model, paths, args, device, amp))
                 bare[name] = max(bare.get(name, 0.0),
                                  bare_loop(model, len(paths), args.batch_size, args.image_size, device, args.flip != "none", amp))
     rows = [f"| {name} | {real[name]:.1f} | {bare[name]:.1f} | {real[name] / bare[name]:.2f} |" for name, _ in precisions]

@@ -251,3 +251,24 @@ def test_unknown_box_source_lists_valid_ones(tmp_path):
     write_catalogue(cfg, write_set(tmp_path / "photos", 1, 0)[0])
     with pytest.raises(UserError, match="import, detector, fallback, full"):
         detect.run(cfg)
+
+
+def test_detector_features_follow_crop_detector_amp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with native bf16 (patched on) the frozen backbone runs under bf16 autocast unless
+    `crop.detector.amp` is false, which gives float32 exactly."""
+    import torch
+
+    from whaleid import inference
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    feats = {}
+    for amp in (True, False):
+        cfg = load_config(sets=["crop.detector.pretrained=none", f"crop.detector.amp={str(amp).lower()}"])
+        torch.manual_seed(0)
+        feats[amp] = detector.Detector(cfg.crop.detector, torch.device("cpu")).features(images)
+    assert all(f.dtype == torch.float32 for f in feats[True] + feats[False])
+    assert not torch.equal(feats[True][1], feats[False][1]), "bf16 autocast ran"
+    cosine = torch.nn.functional.cosine_similarity(feats[True][1].flatten(1), feats[False][1].flatten(1))
+    assert cosine.min() > 0.99, cosine

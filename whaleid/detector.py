@@ -120,10 +120,10 @@ class Detector:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stride-16 and stride-32 features of a normalised batch (bf16 autocast on CUDA and on
-        CPUs with native bf16: `inference.bf16_inference`)."""
+        """Stride-16 and stride-32 features of a normalised batch (bf16 autocast with
+        `crop.detector.amp` on CUDA and on CPUs with native bf16: `inference.bf16_inference`)."""
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_inference(self.device)):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_inference(self.device, self.cfg.amp)):
             maps = self.backbone(images)
         return maps[-2].float(), maps[-1].float()
 
