@@ -336,6 +336,13 @@ def test_demo_set_is_generated_when_there_is_no_data(tmp_path: Path, monkeypatch
     assert report["demo"] is True and report["data_dir"] == str((tmp_path / "demo").resolve())
 
 
+def test_existing_data_folder_without_train_csv_is_an_error_not_the_demo(tmp_path: Path, data: Path) -> None:
+    (data / "train.csv").rename(data / "train_v2.csv")              # e.g. the parent folder or another layout
+    with pytest.raises(UserError, match=r"paths.data .* holds no train.csv \(found: .*train_v2.csv"):
+        catalogue.run(make_cfg(tmp_path, data))
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("key", "value"), [("n_folds", 1), ("fold", 2), ("fold", -2), ("new_share", 1.0)])
 def test_bad_prepare_settings_name_the_key(tmp_path: Path, data: Path, key: str, value: object) -> None:
     with pytest.raises(UserError, match=f"prepare.{key}"):

@@ -253,6 +253,15 @@ def test_unknown_box_source_lists_valid_ones(tmp_path):
         detect.run(cfg)
 
 
+def test_missing_box_file_is_named_before_any_work(tmp_path):
+    cfg = make_cfg(tmp_path, "crop.box_source.fullbody=import",
+                   f"crop.box_files.fullbody={tmp_path / 'nowhere.csv'}")
+    write_catalogue(cfg, write_set(tmp_path / "photos", 1, 0)[0])
+    with pytest.raises(UserError, match=r"box file .*nowhere\.csv not found \(crop\.box_files\.fullbody\)"):
+        detect.run(cfg)
+    assert not (Path(cfg.paths.outputs) / "01_crops" / "crops.csv").exists()
+
+
 def test_detector_features_follow_crop_detector_amp(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU with native bf16 (patched on) the frozen backbone runs under bf16 autocast unless
     `crop.detector.amp` is false, which gives float32 exactly."""

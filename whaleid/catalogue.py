@@ -98,6 +98,11 @@ def _ensure_data(cfg: Config) -> Path:
         print(f"data: {data.resolve()}")
         return data
     demo = Path(cfg.paths.demo)
+    if data.exists() and data.resolve() != demo.resolve():  # a wrong folder given: not a reason to run the demo
+        found = sorted(p.name for p in data.iterdir())[:EXAMPLES] if data.is_dir() else []
+        raise UserError(f"paths.data {data} holds no train.csv (found: {', '.join(found) or 'nothing'}); point it at "
+                        "a Happywhale-layout folder (train.csv, train_images/, test_images/, sample_submission.csv), "
+                        "or at a path that does not exist to run the built-in demo set")
     print(f"data: no train.csv in {data}; using the demo set at {demo.resolve()} (generated when absent or stale)")
     from whaleid import demo_data  # imported here: only needed when there is no real data
 
