@@ -177,6 +177,18 @@ def test_non_finite_embedding_is_named(tmp_path: Path) -> None:
         submit.run(config(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["train_emb.npy", "test_logits.npz"])
+def test_truncated_embedding_file_is_named(tmp_path: Path, name: str) -> None:
+    make_artifacts(tmp_path)
+    emb_dir = tmp_path / "out" / "03_embed"
+    np.savez(emb_dir / "test_logits.npz", classes=np.zeros((2, 3), np.int64), cosines=np.zeros((2, 3), np.float32))
+    path = emb_dir / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])   # an interrupted copy
+    with pytest.raises(UserError, match=rf"{name} is truncated or corrupt .*: rerun 03_embed.py"):
+        submit.run(config(tmp_path))
+    assert not (tmp_path / "out" / "04_submit" / "submission.csv").exists()
+
+
 SAMPLE = ["a.jpg", "b.jpg"]
 KNOWN = {"x1", "x2", "x3", "x4", "x5"}
 

@@ -21,7 +21,16 @@ from whaleid.config import load_config
 from whaleid.embed import run as embed_run
 from whaleid.errors import UserError
 from whaleid.model import load_checkpoint
-from whaleid.train import METRIC_COLUMNS, Runtime, imprint, make_splits, prepare_model, read_inputs, run
+from whaleid.train import (
+    METRIC_COLUMNS,
+    Runtime,
+    imprint,
+    make_splits,
+    prepare_model,
+    read_inputs,
+    read_pseudo_labels,
+    run,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_IDS, PER_ID, NEW_IDS = 6, 4, 1
@@ -119,6 +128,23 @@ def test_pseudo_labels_join_training(trained: Path) -> None:
     assert report["pseudo_labels"]["unknown_ids"] == 1
     assert report["train_samples"] == N_IDS * (PER_ID - 1) + 1
     assert report["val_queries"] == N_IDS + PER_ID * NEW_IDS and report["val_new"] == PER_ID * NEW_IDS
+
+
+def test_pseudo_labels_skipped_rows_are_printed_and_a_file_with_none_usable_stops(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    catalogue = pd.DataFrame({"image": ["a.jpg"], "split": ["train"], "label": [0], "species_label": [1]})
+    crops = pd.DataFrame({"image": ["t0.jpg", "t1.jpg"], "split": ["test", "test"]})
+    pseudo = tmp_path / "pseudo.csv"
+    pd.DataFrame({"image": ["t0.jpg", "t1.jpg", "t9.jpg"], "individual_id": ["id_0", "stranger", "id_0"],
+                  "confidence": 0.9}).to_csv(pseudo, index=False)
+    cfg = tiny_cfg(tmp_path, f"train.pseudo_labels={pseudo}")
+    rows, stats = read_pseudo_labels(cfg, catalogue, crops, ["id_0"])
+    assert rows[["image", "label", "species_label"]].values.tolist() == [["t0.jpg", 0, 1]]
+    out = capsys.readouterr().out
+    assert "1 of 3 rows" in out and "['stranger']" in out and "['t9.jpg']" in out
+    pd.DataFrame({"image": ["t9.jpg"], "individual_id": ["stranger"], "confidence": 0.9}).to_csv(pseudo, index=False)
+    with pytest.raises(UserError, match="none of its 1 rows is usable"):
+        read_pseudo_labels(cfg, catalogue, crops, ["id_0"])
 
 
 def test_resume_continues_epoch_count(trained: Path, tmp_path: Path) -> None:

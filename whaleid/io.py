@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,3 +183,17 @@ def require(path: str | Path, made_by: str) -> Path:
     if not path.exists():
         raise UserError(f"missing input {path}: run {made_by} first")
     return path
+
+
+def load_array(path: str | Path, made_by: str) -> Any:
+    """`np.load` of a stage's .npy/.npz artifact (no pickles); a missing, truncated or corrupt
+    file stops with a sentence naming it and the stage that rewrites it. An .npz is read whole."""
+    path = require(path, made_by)
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                return {key: data[key] for key in data.files}
+        return data
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise UserError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}): rerun {made_by}") from err

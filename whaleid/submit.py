@@ -36,6 +36,7 @@ from whaleid.io import (
     check_fresh,
     fingerprint_config,
     fingerprint_files,
+    load_array,
     read_json,
     require,
     stage_dir,
@@ -96,7 +97,7 @@ def _read_index(path: Path, rows: int) -> pd.DataFrame:
 
 
 def _read_emb(path: Path, index_path: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    emb = np.load(require(path, EMBED_MADE_BY))
+    emb = load_array(path, EMBED_MADE_BY)
     if emb.ndim != 2:
         raise UserError(f"{path} must be a 2-D array, got shape {emb.shape}: rerun {EMBED_MADE_BY}")
     index = _read_index(index_path, len(emb))
@@ -118,8 +119,7 @@ def load_embeddings(folder: Path) -> Embeddings:
                         f"rerun {EMBED_MADE_BY}")
     logits = None
     if (folder / "test_logits.npz").exists():
-        with np.load(folder / "test_logits.npz", allow_pickle=False) as z:
-            logits = {key: z[key] for key in z.files}
+        logits = load_array(folder / "test_logits.npz", EMBED_MADE_BY)
     report = read_json(folder / "report.json") if (folder / "report.json").exists() else {}
     fold_train = fold_index = None
     if report.get("fold_checkpoint"):  # train.refit: written by the same stage-03 run as the rest

@@ -201,7 +201,15 @@ def read_pseudo_labels(cfg: Config, catalogue: pd.DataFrame, crops: pd.DataFrame
         "rows": int(len(pseudo)), "used": int(len(rows)),
         "unknown_ids": int((~known).sum()), "unknown_ids_first": pseudo.loc[~known, "individual_id"].head(5).tolist(),
         "images_without_crop": int((known & ~present).sum()),
+        "images_without_crop_first": pseudo.loc[known & ~present, "image"].head(5).tolist(),
     }
+    skipped = (f"{stats['unknown_ids']} with an id not in train (first: {stats['unknown_ids_first']}), "
+               f"{stats['images_without_crop']} with an image not among the test crops "
+               f"(first: {stats['images_without_crop_first']})")
+    if len(pseudo) and not len(rows):
+        raise UserError(f"train.pseudo_labels {path}: none of its {len(pseudo)} rows is usable: {skipped}; "
+                        "is it from another dataset or run?")
+    print(f"pseudo-labels: {len(rows)} of {len(pseudo)} rows of {path} used; skipped: {skipped}")
     return rows, stats
 
 
