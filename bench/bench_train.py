@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from whaleid.cli import build_parser  # noqa: E402
 from whaleid.config import Config, load_config  # noqa: E402
 from whaleid.dataset import CropDataset, train_transform  # noqa: E402
+from whaleid.distributed import init_runtime  # noqa: E402
 from whaleid.errors import UserError  # noqa: E402
 from whaleid.io import write_text  # noqa: E402
 from whaleid.train import (  # noqa: E402
-    init_runtime,
     make_optimizer,
     make_scheduler,
     make_splits,

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from whaleid.config import load_config
+from whaleid.distributed import Runtime
 from whaleid.embed import run as embed_run
 from whaleid.errors import UserError
 from whaleid.model import load_checkpoint
 from whaleid.train import (
     METRIC_COLUMNS,
-    Runtime,
     imprint,
     make_splits,
     prepare_model,
@@ -282,7 +282,7 @@ import sys
 import torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from test_train import _imprinted, tiny_cfg
-from whaleid.train import init_runtime
+from whaleid.distributed import init_runtime
 cfg = tiny_cfg(sys.argv[1], "device=cpu", "train.amp=false")
 rt = init_runtime(cfg)
 result = _imprinted(cfg, rt)

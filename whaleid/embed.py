@@ -24,13 +24,13 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Subset
 
 from whaleid.catalogue import load_catalogue, load_encoders
 from whaleid.config import Config, config_from_dict
 from whaleid.dataset import CropDataset, eval_transform
+from whaleid.distributed import Runtime, embed_sharded, init_runtime
 from whaleid.errors import UserError
-from whaleid.inference import FLIPS, bf16_inference, embed_dataset
+from whaleid.inference import FLIPS, bf16_inference
 from whaleid.io import (
     STAGE_DIRS,
     atomic_path,
@@ -47,7 +47,7 @@ from whaleid.io import (
     write_resolved_config,
 )
 from whaleid.model import build_model, load_checkpoint
-from whaleid.train import REFIT_DIR, Runtime, gather_shards, init_runtime, refit_active
+from whaleid.train import REFIT_DIR, refit_active
 
 CROP_MADE_BY = "01_detect_crop.py"
 CROPS_COLUMNS = ("image", "split", "source", "crop_path")
@@ -178,17 +178,12 @@ def _train_first(col: pd.Series) -> pd.Series:
     return col.map({"train": 0, "test": 1}) if col.name == "split" else col
 
 
-def embed_sharded(
-    model: nn.Module, dataset: CropDataset, cfg: Config, rt: Runtime, raw: bool,
-) -> np.ndarray | None:
-    """Embeddings of `dataset` in order; each rank embeds rows rank, rank+world, ... and rank 0
-    gathers them. Returns None on other ranks."""
-    idx = np.arange(rt.rank, len(dataset), rt.world)
-    part = embed_dataset(model, Subset(dataset, idx.tolist()), batch_size=cfg.embed.batch_size,
-                         workers=cfg.embed.workers, device=rt.device, amp=cfg.embed.amp,
-                         flip=cfg.embed.flip_tta, raw=raw, desc=f"embed rank {rt.rank}",
-                         shift=cfg.embed.shift_tta)
-    out = gather_shards(rt, len(dataset), idx, part)
+def embed_all(model: nn.Module, dataset: CropDataset, cfg: Config, rt: Runtime, raw: bool) -> np.ndarray | None:
+    """Embeddings of `dataset` in order per `embed.*`, each rank embedding a shard; rank 0 gets
+    them all, other ranks None."""
+    out = embed_sharded(model, dataset, rt, batch_size=cfg.embed.batch_size, workers=cfg.embed.workers,
+                        amp=cfg.embed.amp, flip=cfg.embed.flip_tta, raw=raw, desc=f"embed rank {rt.rank}",
+                        shift=cfg.embed.shift_tta)
     return out if rt.main else None
 
 
@@ -303,7 +298,7 @@ def _embed_rows(cfg: Config, rt: Runtime, loaded: Loaded, rows: pd.DataFrame) ->
     # shift TTA: resized 2 x shift px larger, then cut into five crops of `size` (whaleid.inference)
     dataset = CropDataset(rows["crop_path"].tolist(), transform=eval_transform(size + 2 * cfg.embed.shift_tta))
     t0 = time.perf_counter()
-    emb = embed_sharded(loaded.model, dataset, cfg, rt, loaded.raw)
+    emb = embed_all(loaded.model, dataset, cfg, rt, loaded.raw)
     seconds = time.perf_counter() - t0
     if not rt.main:
         return rows, None, len(dataset), seconds

@@ -21,7 +21,6 @@ and only rank 0 writes files.
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import time
@@ -42,8 +41,9 @@ from tqdm import tqdm
 from whaleid import knn
 from whaleid.config import Config, config_from_dict, deep_merge
 from whaleid.dataset import CropDataset, eval_transform, train_transform
+from whaleid.distributed import Runtime, all_reduce, embed_sharded, gather_shards, init_runtime
 from whaleid.errors import UserError
-from whaleid.inference import bf16_inference, embed_dataset, resolve_device
+from whaleid.inference import bf16_inference
 from whaleid.io import (
     STAGE_DIRS,
     check_fresh,
@@ -78,35 +78,6 @@ def check_train_config(cfg: Config) -> None:
             raise UserError(f"train.{key} must be >= 1, got {cfg.train[key]}")
     if cfg.train.warmup_epochs < 0:
         raise UserError(f"train.warmup_epochs must be >= 0, got {cfg.train.warmup_epochs}")
-
-
-# ---------------------------------------------------------------- distributed setup
-
-@dataclass
-class Runtime:
-    """Where this process runs: rank, world size and device."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_runtime(cfg: Config) -> Runtime:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on the CPU)."""
-    device = resolve_device(cfg.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Runtime(0, 1, device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, world, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -316,13 +287,6 @@ def train_loader(cfg: Config, dataset: CropDataset, rt: Runtime) -> tuple[DataLo
 
 # ---------------------------------------------------------------- one epoch
 
-def _all_reduce(value: torch.Tensor, rt: Runtime, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce over the ranks (a no-op in a single process)."""
-    if rt.world > 1:
-        dist.all_reduce(value, op=op)
-    return value
-
-
 def train_step(
     cfg: Config, net: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, scheduler: Any,
     rt: Runtime, step_now: bool, where: str,
@@ -347,7 +311,7 @@ def train_step(
             loss = net(x, labels, species)
         (loss / t.accum_steps).backward()
     loss = loss.detach()
-    bad = _all_reduce((~torch.isfinite(loss)).float(), rt, dist.ReduceOp.MAX)
+    bad = all_reduce((~torch.isfinite(loss)).float(), rt, dist.ReduceOp.MAX)
     if bad.item() > 0:
         optimizer.zero_grad(set_to_none=True)
         raise UserError(
@@ -380,36 +344,17 @@ def train_epoch(
         total += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=rt.device)])
         seen = total[1].item() * rt.world
         bar.set_postfix(loss=f"{total[0].item() / total[1].item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
-    total = _all_reduce(total, rt)
+    total = all_reduce(total, rt)
     elapsed = time.perf_counter() - start
     return float(total[0] / total[1]), float(total[1]) / elapsed
 
 
-def gather_shards(rt: Runtime, n: int, idx: np.ndarray, part: np.ndarray) -> np.ndarray:
-    """The (n, ...) float32 rows every rank computed for its strided shard `idx` (rank, rank +
-    world, ...), put back in order on every rank; `part` itself in a single process."""
-    if rt.world == 1:
-        return part
-    parts: list[Any] = [None] * rt.world
-    dist.all_gather_object(parts, (idx, part))
-    shape = next((p.shape[1:] for i, p in parts if len(i)), (0,))
-    out = np.zeros((n, *shape), dtype=np.float32)
-    for shard_idx, rows in parts:
-        if len(shard_idx):
-            out[shard_idx] = rows
-    return out
-
-
 # ---------------------------------------------------------------- validation
 
-def _embed_sharded(cfg: Config, model: EmbeddingModel, dataset: CropDataset, rt: Runtime, desc: str) -> np.ndarray:
-    """Flip-averaged embeddings of `dataset`, each rank embedding a strided shard, gathered in order."""
-    idx = np.arange(rt.rank, len(dataset), rt.world)
-    part = embed_dataset(
-        model, Subset(dataset, idx.tolist()), batch_size=cfg.train.batch_size * 2, workers=cfg.train.workers,
-        device=rt.device, amp=cfg.train.amp, flip="average", desc=desc,
-    )
-    return gather_shards(rt, len(dataset), idx, part)
+def _embed_fold(cfg: Config, model: EmbeddingModel, dataset: CropDataset, rt: Runtime, desc: str) -> np.ndarray:
+    """Flip-averaged embeddings of `dataset` in order on every rank, each rank embedding a shard."""
+    return embed_sharded(model, dataset, rt, batch_size=cfg.train.batch_size * 2, workers=cfg.train.workers,
+                         amp=cfg.train.amp, flip="average", desc=desc)
 
 
 def validate(cfg: Config, model: EmbeddingModel, splits: Splits, rt: Runtime) -> dict:
@@ -417,8 +362,8 @@ def validate(cfg: Config, model: EmbeddingModel, splits: Splits, rt: Runtime) ->
     if splits.queries.empty:
         return NO_VALIDATION
     tf = eval_transform(cfg.train.image_size)
-    gallery = _embed_sharded(cfg, model, CropDataset(splits.gallery["crop_path"], transform=tf), rt, "val gallery")
-    queries = _embed_sharded(cfg, model, CropDataset(splits.queries["crop_path"], transform=tf), rt, "val queries")
+    gallery = _embed_fold(cfg, model, CropDataset(splits.gallery["crop_path"], transform=tf), rt, "val gallery")
+    queries = _embed_fold(cfg, model, CropDataset(splits.queries["crop_path"], transform=tf), rt, "val queries")
     result: list[Any] = [None]
     if rt.main:
         result[0] = knn.evaluate_fold(
