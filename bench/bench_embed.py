@@ -3,6 +3,7 @@
 - real path: crops read from disk by `CropDataset` (decode, resize, normalise) through a
   DataLoader into `embed_dataset` (channels_last, bf16 autocast on CUDA and on CPUs with native
   bf16, flip TTA, L2-normalise);
+- loader alone: the same input pipeline with no model, to tell a slow loader from poor overlap;
 - bare: the same model's forward passes (both flips when TTA is on) on random tensors of the same
   shape, already on the device: the ceiling the input pipeline can at best reach.
 The ratio says how much of the model's speed the input pipeline keeps. Where the device runs bf16
@@ -94,6 +95,21 @@ def real_path(model: torch.nn.Module, paths: list[str], args: argparse.Namespace
     return len(paths) / seconds
 
 
+def loader_only(paths: list[str], args: argparse.Namespace, device: torch.device) -> float:
+    """Images/s of the input pipeline alone: disk -> CropDataset -> DataLoader (stage 03's settings)
+    -> the device, no model. Bounds the real path from above: when it is close to the real path's
+    speed, the loader is what holds stage 03 back; when it is far above, the overlap is."""
+    dataset = CropDataset(paths, transform=eval_transform(args.image_size))
+    cuda = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=cuda)
+    start = time.perf_counter()
+    for images, *_ in loader:
+        images.to(device, non_blocking=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return len(paths) / (time.perf_counter() - start)
+
+
 def machine(device: torch.device) -> str:
     cpu = platform.processor() or "CPU"
     try:
@@ -131,7 +147,9 @@ def main() -> None:
         precisions = [("float32", False)] + ([("bf16 autocast", True)] if bf16_inference(device) else [])
         real: dict[str, float] = {}
         bare: dict[str, float] = {}
+        loader = 0.0
         for _ in range(args.repeats):  # alternated: drifts of a shared machine hit every precision alike
+            loader = max(loader, loader_only(paths, args, device))
             for name, amp in precisions:
                 real[name] = max(real.get(name, 0.0), real_path(model, paths, args, device, amp))
                 bare[name] = max(bare.get(name, 0.0),
@@ -148,6 +166,8 @@ def main() -> None:
         "|---|---:|---:|---:|",
         *rows,
     ]
+    lines.append(f"\nLoader alone (disk -> CropDataset -> DataLoader -> device, no model, same workers): "
+                 f"{loader:.1f} images/s.")
     if len(precisions) > 1:
         lines.append(f"\nbf16 / float32, real path: {real['bf16 autocast'] / real['float32']:.2f}x "
                      f"(stage 03 uses bf16 here: `embed.amp` true, the default).")
