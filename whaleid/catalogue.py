@@ -71,9 +71,18 @@ EXAMPLES = 10  # how many names a report or message lists before summarising the
 # ---------------------------------------------------------------------------------------------
 
 def resolve_data_dir(cfg: Config) -> Path:
-    """`paths.data` when it holds a train.csv, else the demo set folder `paths.demo`."""
-    data = Path(cfg.paths.data)
-    return data if (data / "train.csv").is_file() else Path(cfg.paths.demo)
+    """`paths.data` when it holds a train.csv; the demo set folder `paths.demo` when `paths.data`
+    does not exist; a UserError listing it when it exists without a train.csv (a wrong folder
+    given is not a reason to run the demo)."""
+    data, demo = Path(cfg.paths.data), Path(cfg.paths.demo)
+    if (data / "train.csv").is_file():
+        return data
+    if data.exists() and data.resolve() != demo.resolve():
+        found = sorted(p.name for p in data.iterdir())[:EXAMPLES] if data.is_dir() else []
+        raise UserError(f"paths.data {data} holds no train.csv (found: {', '.join(found) or 'nothing'}); point it at "
+                        "a Happywhale-layout folder (train.csv, train_images/, test_images/, sample_submission.csv), "
+                        "or at a path that does not exist to run the built-in demo set")
+    return demo
 
 
 def labels_file(cfg: Config) -> Path | None:
@@ -93,17 +102,12 @@ def _ensure_data(cfg: Config) -> Path:
     The demo generator skips the work when `paths.demo` already holds a set made from the same
     `demo` config section, and regenerates it when that section changed.
     """
-    data = Path(cfg.paths.data)
-    if (data / "train.csv").is_file():
+    data = resolve_data_dir(cfg)  # a wrong folder stops here
+    if data == Path(cfg.paths.data) and (data / "train.csv").is_file():
         print(f"data: {data.resolve()}")
         return data
-    demo = Path(cfg.paths.demo)
-    if data.exists() and data.resolve() != demo.resolve():  # a wrong folder given: not a reason to run the demo
-        found = sorted(p.name for p in data.iterdir())[:EXAMPLES] if data.is_dir() else []
-        raise UserError(f"paths.data {data} holds no train.csv (found: {', '.join(found) or 'nothing'}); point it at "
-                        "a Happywhale-layout folder (train.csv, train_images/, test_images/, sample_submission.csv), "
-                        "or at a path that does not exist to run the built-in demo set")
-    print(f"data: no train.csv in {data}; using the demo set at {demo.resolve()} (generated when absent or stale)")
+    demo = data
+    print(f"data: no train.csv in {cfg.paths.data}; using the demo set at {demo.resolve()} (generated when absent or stale)")
     from whaleid import demo_data  # imported here: only needed when there is no real data
 
     demo_data.generate(cfg, demo)

@@ -75,10 +75,11 @@ def check_sources(cfg: Config) -> dict[str, str]:
         method = cfg.crop.box_source.get(source)
         if method not in METHODS:
             raise UserError(f"crop.box_source.{source} must be one of {', '.join(METHODS)}, got {method!r}")
-        if method == "import" and not cfg.crop.box_files.get(source):
+        box_file = cfg.crop.box_files.get(source)
+        if method == "import" and not box_file:
             raise UserError(f"crop set {source} imports boxes: set crop.box_files.{source} to a CSV")
-        if method == "import" and not Path(cfg.crop.box_files[source]).is_file():
-            raise UserError(f"box file {cfg.crop.box_files[source]} not found (crop.box_files.{source})")
+        if method == "import" and not Path(box_file).is_file():
+            raise UserError(f"box file {box_file} not found (crop.box_files.{source})")
         methods[source] = method
     if list(methods.values()).count("detector") > 1:
         raise UserError("the built-in detector learns one kind of box: give at most one crop set "
