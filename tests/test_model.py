@@ -99,8 +99,16 @@ def test_dataset_and_flip_tta(tmp_path: Path, cfg) -> None:
     mean_emb = sep.sum(axis=1)
     np.testing.assert_allclose(avg, mean_emb / np.linalg.norm(mean_emb, axis=1, keepdims=True), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(avg, axis=1), 1.0, atol=1e-5)
-    raw = embed_dataset(model, eval_ds, 2, 0, cpu, raw=True)
+    raw = embed_dataset(model, eval_ds, 2, 0, cpu, features=model.pooled)
     assert raw.shape == (3, model.pooled_size)
+    linear = embed_dataset(model, eval_ds, 2, 0, cpu, amp=False, features=lambda x: model.neck[1](model.pooled(x)),
+                           normalize=False)
+    with torch.no_grad():
+        direct = model.neck[1](model.pooled(torch.stack([eval_ds[i][0] for i in range(3)])))
+    np.testing.assert_allclose(linear, direct.numpy(), atol=1e-5)  # as computed, not normalised
+    assert not np.allclose(np.linalg.norm(linear, axis=1), 1.0)
+    with pytest.raises(ValueError, match="normalize=False"):
+        embed_dataset(model, eval_ds, 2, 0, cpu, flip="average", normalize=False)
 
     with pytest.raises(UserError, match="missing.jpg"):
         CropDataset([str(tmp_path / "missing.jpg")])[0]

@@ -182,8 +182,8 @@ def embed_all(model: nn.Module, dataset: CropDataset, cfg: Config, rt: Runtime, 
     """Embeddings of `dataset` in order per `embed.*`, each rank embedding a shard; rank 0 gets
     them all, other ranks None."""
     out = embed_sharded(model, dataset, rt, batch_size=cfg.embed.batch_size, workers=cfg.embed.workers,
-                        amp=cfg.embed.amp, flip=cfg.embed.flip_tta, raw=raw, desc=f"embed rank {rt.rank}",
-                        shift=cfg.embed.shift_tta)
+                        amp=cfg.embed.amp, flip=cfg.embed.flip_tta, desc=f"embed rank {rt.rank}",
+                        shift=cfg.embed.shift_tta, features=model.pooled if raw else None)
     return out if rt.main else None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -51,10 +52,6 @@ def bf16_inference(device: torch.device, amp: bool = True) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
-def _embed_batch(model: nn.Module, x: torch.Tensor, raw: bool) -> torch.Tensor:
-    return model.pooled(x) if raw else model(x)
-
-
 def shifted_crops(x: torch.Tensor, shift: int) -> list[torch.Tensor]:
     """The five (H - 2 shift)-px crops of a batch: centre, then the four corners ([x] for shift 0)."""
     if shift <= 0:
@@ -75,20 +72,26 @@ def embed_dataset(
     device: torch.device,
     amp: bool = True,
     flip: str = "none",
-    raw: bool = False,
     desc: str = "embed",
     shift: int = 0,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize: bool = True,
 ) -> np.ndarray:
     """L2-normalised float32 embeddings in dataset order: (N, D), or (N, 2, D) for flip="separate".
 
     flip: "none"; "average" = mean of the original and horizontally flipped embeddings (then
     renormalised), the 1st-place TTA; "separate" keeps both. shift > 0: the dataset's images are
     `2 shift` px larger than the model's input, and each orientation is the mean of the five
-    crops `shifted_crops` cuts (centre and corners), renormalised. raw=True embeds
-    `model.pooled` (backbone features without the neck). The model is left in eval mode.
+    crops `shifted_crops` cuts (centre and corners), renormalised. `features` replaces `model`'s
+    forward (e.g. `model.pooled`, the backbone features without the neck); normalize=False returns
+    its outputs as they are (flip "none" and shift 0 only: there is nothing to average). The model
+    is left in eval mode.
     """
     if flip not in FLIPS:
         raise UserError(f"unknown flip mode {flip!r}; valid: {list(FLIPS)}")
+    if not normalize and (flip != "none" or shift):
+        raise ValueError("normalize=False needs flip='none' and shift=0")
+    forward = model if features is None else features
     cuda = device.type == "cuda"
     bf16 = bf16_inference(device, amp)
     model.eval().to(device, memory_format=torch.channels_last)  # faster on CUDA and on the CPU (oneDNN)
@@ -108,7 +111,11 @@ def embed_dataset(
             # the five shifted crops go through the model as one batch (one call, better GPU use)
             batch_in = crops[0] if len(crops) == 1 else torch.cat(crops).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                unit = F.normalize(_embed_batch(model, batch_in, raw).float(), dim=1)
+                unit = forward(batch_in).float()
+            if not normalize:
+                views.append(unit)
+                continue
+            unit = F.normalize(unit, dim=1)
             views.append(F.normalize(unit.view(len(crops), len(x), -1).sum(0), dim=1))
         if flip == "average":
             batch = F.normalize(views[0] + views[1], dim=1)

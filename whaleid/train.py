@@ -35,15 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from whaleid import knn
 from whaleid.config import Config, config_from_dict, deep_merge
 from whaleid.dataset import CropDataset, eval_transform, train_transform
-from whaleid.distributed import Runtime, all_reduce, embed_sharded, gather_shards, init_runtime
+from whaleid.distributed import Runtime, all_reduce, embed_sharded, init_runtime
 from whaleid.errors import UserError
-from whaleid.inference import bf16_inference
 from whaleid.io import (
     STAGE_DIRS,
     check_fresh,
@@ -392,21 +391,11 @@ def imprint(cfg: Config, model: EmbeddingModel, heads: nn.Module, splits: Splits
     so that they can part.
     """
     dataset = CropDataset(splits.train["crop_path"], transform=eval_transform(cfg.train.image_size))
-    idx = np.arange(rt.rank, len(dataset), rt.world)
-    loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=cfg.train.batch_size * 2,
-                        num_workers=cfg.train.workers, pin_memory=rt.device.type == "cuda")
     linear, norm = model.neck[1], model.neck[2]
     was_training = model.training
-    model.eval()
-    parts = []
-    for images, *_ in tqdm(loader, desc="imprint", unit="batch", disable=not rt.main, leave=False, dynamic_ncols=True):
-        x = images.to(rt.device, non_blocking=True)
-        if cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=bf16_inference(rt.device, cfg.train.amp)):
-            parts.append(linear(model.pooled(x)).float())
-    z = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, linear.out_features), dtype=np.float32)
-    z = torch.from_numpy(gather_shards(rt, len(dataset), idx, z)).to(rt.device)
+    z = embed_sharded(model, dataset, rt, batch_size=cfg.train.batch_size * 2, workers=cfg.train.workers,
+                      amp=cfg.train.amp, desc="imprint", features=lambda x: linear(model.pooled(x)), normalize=False)
+    z = torch.from_numpy(z).to(rt.device)
     model.train(was_training)
     mean, var = z.mean(0), z.var(0, unbiased=False)
     norm.running_mean.copy_(mean)
