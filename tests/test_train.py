@@ -24,6 +24,7 @@ from whaleid.errors import UserError
 from whaleid.model import load_checkpoint
 from whaleid.train import (
     METRIC_COLUMNS,
+    _epoch_line,
     imprint,
     make_splits,
     prepare_model,
@@ -344,3 +345,11 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
             np.testing.assert_allclose(ddp_emb, single, atol=1e-5, err_msg=name)
     # the refit model embeds the gallery, the fold model the validation copy: not the same vectors
     assert not np.allclose(np.load(embed / "train_emb.npy"), np.load(embed / "fold_train_emb.npy"), atol=1e-3)
+
+
+def test_epoch_line_shows_validation_only_where_it_ran() -> None:
+    row = {"epoch": 3, "train_loss": 1.5, "map5": float("nan"), "map5_known": float("nan"), "map5_new": float("nan"),
+           "threshold": float("nan"), "images_per_s": 20.0, "seconds": 12.0}
+    assert _epoch_line(row) == "epoch 3: loss 1.5000  20.0 img/s  12 s"
+    row.update(map5=0.8, map5_known=0.75, map5_new=1.0, threshold=0.6)
+    assert "MAP@5 0.8000 (known 0.7500, new 1.0000, threshold 0.600)" in _epoch_line(row)

@@ -622,11 +622,12 @@ def _write_epoch(out: Path, history: list[dict], ckpt: dict, improved: bool) -> 
 
 
 def _epoch_line(row: dict) -> str:
-    return (
-        f"epoch {row['epoch']}: loss {row['train_loss']:.4f}  MAP@5 {row['map5']:.4f} "
-        f"(known {row['map5_known']:.4f}, new {row['map5_new']:.4f}, threshold {row['threshold']:.3f})  "
-        f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f} s"
-    )
+    """One line per epoch; the validation part only on epochs that validated (`train.val_every`)."""
+    val = ""
+    if math.isfinite(row["map5"]):
+        val = (f"  MAP@5 {row['map5']:.4f} (known {row['map5_known']:.4f}, new {row['map5_new']:.4f}, "
+               f"threshold {row['threshold']:.3f})")
+    return f"epoch {row['epoch']}: loss {row['train_loss']:.4f}{val}  {row['images_per_s']:.1f} img/s  {row['seconds']:.0f} s"
 
 
 def _write_report(
