@@ -103,10 +103,10 @@ def _ensure_data(cfg: Config) -> Path:
     `demo` config section, and regenerates it when that section changed.
     """
     data = resolve_data_dir(cfg)  # a wrong folder stops here
-    if data == Path(cfg.paths.data) and (data / "train.csv").is_file():
+    if (Path(cfg.paths.data) / "train.csv").is_file():  # real data: resolve_data_dir returned paths.data
         print(f"data: {data.resolve()}")
         return data
-    demo = data
+    demo = data  # paths.data does not exist: resolve_data_dir returned paths.demo
     print(f"data: no train.csv in {cfg.paths.data}; using the demo set at {demo.resolve()} (generated when absent or stale)")
     from whaleid import demo_data  # imported here: only needed when there is no real data
 
