@@ -114,6 +114,8 @@ def test_read_image_decodes_any_format_to_upright_rgb8(tmp_path: Path, name: str
     (width, height), top_left, bottom_right = GOOD[name]
     assert reason == "" and rgb is not None
     assert rgb.dtype == np.uint8 and rgb.shape == (height, width, 3)
+    # writable: torch.from_numpy (ToTensorV2 when no resize is needed) warns on a read-only array
+    assert rgb.flags.writeable and rgb.flags.c_contiguous
     np.testing.assert_allclose(rgb[0, 0], top_left, atol=6)
     np.testing.assert_allclose(rgb[-1, -1], bottom_right, atol=6)
     assert image_size(tmp_path / name) == (width, height)  # the header-only probe agrees

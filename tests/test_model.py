@@ -44,6 +44,30 @@ def test_shapes_with_concat_stage(cfg) -> None:
         build_model(load_config(sets=["model.pretrained=none", "model.concat_stage=4"]))
 
 
+def test_freeze_stages_keeps_the_stem_and_early_stages_fixed_in_a_training_step() -> None:
+    torch.manual_seed(0)
+    model = build_model(load_config(sets=SETS[:2])).train()
+    frozen = model.freeze_stages(2)
+    # EfficientNet: the stem (conv_stem, bn1) and feature stages blocks.0 and blocks.1, nothing after
+    assert frozen[0] == "conv_stem.weight" and any(n.startswith("blocks.1.") for n in frozen)
+    assert not any(n.startswith(("blocks.2.", "blocks.3.")) for n in frozen)
+    named = dict(model.backbone.named_parameters())
+    assert all(not named[n].requires_grad for n in frozen)
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    assert trainable and trainable[0].startswith("blocks.2.")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(4, 3, 64, 64)).pow(2).mean().backward()
+    optimizer.step()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before["backbone." + n], after["backbone." + n]) for n in frozen)
+    assert not torch.equal(before["backbone." + trainable[0]], after["backbone." + trainable[0]])
+    assert not torch.equal(before["neck.1.weight"], after["neck.1.weight"])
+    assert build_model(load_config(sets=SETS[:2])).freeze_stages(0) == []
+    with pytest.raises(UserError, match="freeze_stages must be 0..4"):
+        model.freeze_stages(5)
+
+
 def test_checkpoint_round_trip(tmp_path: Path, cfg) -> None:
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -32,7 +32,9 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
         arr = np.repeat(arr[:, :, :1], 3, axis=2)
     elif arr.shape[2] == 4:
         arr = arr[:, :, :3]
-    return np.ascontiguousarray(arr)
+    # C-contiguous and writable: np.asarray of a PIL image is read-only, which torch.from_numpy
+    # warns about (albumentations' ToTensorV2 when the crop already has the model's size)
+    return np.require(arr, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
 def _pil_decode(data: bytes) -> np.ndarray:

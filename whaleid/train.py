@@ -521,6 +521,7 @@ def run(cfg: Config, resume: bool = False) -> Path:
 def prepare_model(cfg: Config, rt: Runtime, splits: Splits, encoders: dict) -> tuple[EmbeddingModel, nn.Module, nn.Module]:
     """Model and heads on the device, and the (DDP / compiled) training module around them."""
     model = build_model(cfg, pretrained=True)
+    model.freeze_stages(cfg.train.freeze_stages)
     heads = build_heads(cfg, len(encoders["individual_id"]), len(encoders["species"]), splits.class_counts, splits.species_counts)
     cuda = rt.device.type == "cuda"
     if cfg.train.sync_bn and rt.world > 1 and cuda:
