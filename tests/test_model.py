@@ -64,6 +64,10 @@ def test_freeze_stages_keeps_the_stem_and_early_stages_fixed_in_a_training_step(
     assert not torch.equal(before["backbone." + trainable[0]], after["backbone." + trainable[0]])
     assert not torch.equal(before["neck.1.weight"], after["neck.1.weight"])
     assert build_model(load_config(sets=SETS[:2])).freeze_stages(0) == []
+    # a backbone whose first feature stage is a parameter-free module (ResNet: act1)
+    resnet = build_model(load_config(sets=[*SETS[:2], "model.backbone=resnet18"]))
+    assert resnet.freeze_stages(1) == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    assert resnet.freeze_stages(2)[-1].startswith("layer1.")
     with pytest.raises(UserError, match="freeze_stages must be 0..4"):
         model.freeze_stages(5)
 

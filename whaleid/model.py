@@ -155,8 +155,10 @@ class EmbeddingModel(nn.Module):
         params = list(self.backbone.named_parameters())
         if n == 0:
             return []
-        last = names[n - 1] + "."
-        end = max(i for i, (name, _) in enumerate(params) if name.startswith(last)) + 1
+        # everything registered before the first parameter of stage n (a stage's named module can
+        # hold no parameters of its own, as ResNet's stage 0, `act1`)
+        later = tuple(name + "." for name in names[n:])
+        end = next(i for i, (name, _) in enumerate(params) if name.startswith(later))
         for _, p in params[:end]:
             p.requires_grad_(False)
         return [name for name, _ in params[:end]]
