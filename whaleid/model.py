@@ -152,9 +152,9 @@ class EmbeddingModel(nn.Module):
         names = self.backbone.feature_info.module_name()
         if not 0 <= n < len(names):
             raise UserError(f"train.freeze_stages must be 0..{len(names) - 1} (this backbone has {len(names)} stages), got {n}")
-        params = list(self.backbone.named_parameters())
         if n == 0:
             return []
+        params = list(self.backbone.named_parameters())
         # everything registered before the first parameter of stage n (a stage's named module can
         # hold no parameters of its own, as ResNet's stage 0, `act1`)
         later = tuple(name + "." for name in names[n:])
