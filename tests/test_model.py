@@ -56,11 +56,14 @@ def test_freeze_stages_keeps_the_stem_and_early_stages_fixed_in_a_training_step(
     trainable = [n for n, p in named.items() if p.requires_grad]
     assert trainable and trainable[0].startswith("blocks.2.")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stem_mean = model.backbone.bn1.running_mean.clone()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model(torch.randn(4, 3, 64, 64)).pow(2).mean().backward()
     optimizer.step()
     after = dict(model.named_parameters())
     assert all(torch.equal(before["backbone." + n], after["backbone." + n]) for n in frozen)
+    # the frozen layers' BatchNorm statistics still adapt to the photos (FrozenBN scored lower)
+    assert model.backbone.bn1.training and not torch.equal(model.backbone.bn1.running_mean, stem_mean)
     assert not torch.equal(before["backbone." + trainable[0]], after["backbone." + trainable[0]])
     assert not torch.equal(before["neck.1.weight"], after["neck.1.weight"])
     assert build_model(load_config(sets=SETS[:2])).freeze_stages(0) == []
@@ -275,3 +278,19 @@ def test_flatten_pool_keeps_the_map_layout_and_fixes_the_input_size() -> None:
             model(torch.randn(1, 3, 96, 96))
     with pytest.raises(UserError, match="model.pool"):
         build_model(load_config(sets=["model.pretrained=none", "model.pool=max"]))
+
+
+def test_train_transform_shear_is_the_only_geometric_change_when_set_alone() -> None:
+    """`train.aug.shear` shears the crop (x and y independently); at 0 the affine step is the identity."""
+    keys = ["scale=0.0", "shift=0.0", "rotate=0", "hflip=0.0", "color_p=0.0", "blur_p=0.0",
+            "grayscale_p=0.0", "cutout_p=0.0", "affine_p=1.0"]
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, 30:34] = 255  # a vertical bar: a shear tilts it
+    plain = load_config(sets=[f"train.aug.{k}" for k in keys])
+    sheared = load_config(sets=[f"train.aug.{k}" for k in keys] + ["train.aug.shear=25"])
+    same = train_transform(64, plain.train.aug)(image=image)["image"].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(same, image)
+    tilted = [train_transform(64, sheared.train.aug)(image=image)["image"][0].numpy() for _ in range(4)]
+    # the bar's centre moves between the top and the bottom rows when x is sheared by up to 25 degrees
+    shifts = [abs(np.argmax(t[4]) - np.argmax(t[-5])) for t in tilted]
+    assert max(shifts) > 4

@@ -89,6 +89,7 @@ def train_transform(image_size: int, aug: Config) -> A.Compose:
             scale=(1.0 - aug.scale, 1.0 + aug.scale),
             translate_percent=(-aug.shift, aug.shift),
             rotate=(-aug.rotate, aug.rotate),
+            shear=(-aug.shear, aug.shear),
             border_mode=cv2.BORDER_REPLICATE,
             p=aug.affine_p,
         ),

@@ -147,7 +147,10 @@ class EmbeddingModel(nn.Module):
         the first trainable layer, which skips the costliest part of it (the high-resolution early
         maps): with n=2, Lite2 training steps at 160 px run 1.45x faster on 2 CPU cores (1.26x for
         whole demo epochs, where the loader shares the cores). Their BatchNorm layers
-        still normalise with batch statistics in training mode and update their running means.
+        still normalise with batch statistics in training mode and update their running means,
+        which adapts the frozen features to the photos: keeping them in eval mode as well
+        (detectron2's FrozenBN) scored lower on the demo (N=2, 40 epochs, folds 0-2: validation
+        MAP@5 0.879 against 0.892, test 0.801 against 0.839).
         """
         names = self.backbone.feature_info.module_name()
         if not 0 <= n < len(names):
