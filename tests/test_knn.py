@@ -164,3 +164,18 @@ def test_evaluate_fold_perfect_embedding() -> None:
     truth = np.array(list(range(8)) + [NEW_LABEL, NEW_LABEL])
     res = knn.evaluate_fold(gallery, labels, queries, truth, k=10, backend="faiss_cpu")
     assert res["map5"] == pytest.approx(1.0) and res["n_new"] == 2
+
+
+def test_blend_logits_leaves_individuals_without_a_class_on_their_knn_score() -> None:
+    knn_labels = np.array([[1, 2, 4]])
+    knn_scores = np.array([[0.8, 0.75, 0.5]], dtype=np.float32)
+    logit_labels = np.array([[1, 4]])  # 2 has no trained class, so it is missing from the logits
+    logit_scores = np.array([[0.6, 0.9]], dtype=np.float32)
+    labels, scores = knn.blend_logits(knn_labels, knn_scores, logit_labels, logit_scores, 0.5, top=3)
+    # unmasked, 2 gets the logit floor: (0.75 + 0.6) / 2 = 0.675, last behind 1 and 4 (0.7 each)
+    np.testing.assert_array_equal(labels[0], [1, 4, 2])
+    np.testing.assert_allclose(scores[0], [0.7, 0.7, 0.675], atol=1e-6)
+    labels, scores = knn.blend_logits(knn_labels, knn_scores, logit_labels, logit_scores, 0.5, top=3,
+                                      unblended=np.array([2]))
+    np.testing.assert_array_equal(labels[0], [2, 1, 4])  # its kNN score, 0.75, ranks it first
+    np.testing.assert_allclose(scores[0], [0.75, 0.7, 0.7], atol=1e-6)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from whaleid.metrics import NEW_ID, map5_report
 
@@ -113,3 +116,27 @@ def test_rerun_of_a_finished_stage_keeps_its_outputs(pipeline_run: Path) -> None
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = pd.read_csv(crops)
     pd.testing.assert_frame_equal(before, after)
+
+
+@pytest.mark.slow
+def test_logit_blend_runs_and_leaves_out_classes_without_training_images(pipeline_run: Path, tmp_path: Path) -> None:
+    """Stages 03-04 again with the ArcFace-logit blend, on the fold model (no refit): the
+    validation fold's own individuals have no trained class, so stage 03 leaves them out of the
+    top-k and lists them, and stage 04 blends the others."""
+    out = tmp_path / "out"
+    shutil.copytree(pipeline_run / "out", out)
+    sets = [*tiny_sets(pipeline_run)[:-1], f"paths.outputs={out}", "train.refit=false",
+            "embed.logits_topk=4", "knn.logit_weight=0.3"]
+    for script in ("03_embed.py", "04_knn_submit.py"):
+        proc = run_stage(script, sets, cwd=pipeline_run)
+        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    counts = np.asarray(torch.load(out / "02_train" / "best.pt", weights_only=True)["class_counts"])
+    untrained = np.flatnonzero(counts == 0)
+    assert len(untrained) > 0  # the tiny demo's validation fold holds individuals of its own
+    with np.load(out / "03_embed" / "test_logits.npz") as logits:
+        np.testing.assert_array_equal(logits["untrained"], untrained)
+        assert logits["labels"].shape[1] == 4 and not np.isin(logits["labels"], untrained).any()
+    metrics = json.loads((out / "04_submit" / "metrics.json").read_text())
+    assert metrics["logit_blend"].startswith("on: weight 0.3")
+    preds = [p.split() for p in pd.read_csv(out / "submission.csv")["predictions"]]
+    assert all(len(p) == 5 and len(set(p)) == 5 for p in preds)

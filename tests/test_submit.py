@@ -211,3 +211,20 @@ def test_validate_submission_accepts_a_good_one() -> None:
     df = pd.DataFrame([("a.jpg", "x1 x2 x3 x4 x5"), ("b.jpg", "new_individual x2 x3 x4 x5")],
                       columns=["image", "predictions"])
     submit.validate_submission(df, SAMPLE, KNOWN)
+
+
+@pytest.mark.parametrize("with_list", [True, False])
+def test_blend_keeps_individuals_without_a_class_on_their_knn_score(with_list: bool) -> None:
+    """Stage 04 passes test_logits.npz's `untrained` list to the blend; files from before it
+    existed blend every candidate."""
+    cfg = load_config(sets=["knn.logit_weight=0.5"])
+    images = np.array(["q.jpg"])
+    r = submit.Ranking(images, np.array([[1, 2, 4]]), np.array([[0.8, 0.75, 0.5]], np.float32),
+                       np.zeros((1, 0)), np.zeros((1, 0), int), np.zeros(0, int))
+    logits = {"images": images, "labels": np.array([[1, 4]]), "scores": np.array([[0.6, 0.9]], np.float32)}
+    if with_list:
+        logits["untrained"] = np.array([2])
+    emb = submit.Embeddings(np.zeros((0, 2)), np.zeros((0, 2)), pd.DataFrame(), pd.DataFrame(), logits, {})
+    labels, scores, note = submit._blend(cfg, emb, r)
+    assert note.startswith("on: weight 0.5")
+    np.testing.assert_array_equal(labels[0, :3], [2, 1, 4] if with_list else [1, 4, 2])

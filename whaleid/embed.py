@@ -67,6 +67,7 @@ class Loaded:
     raw: bool  # embed pooled backbone features (no neck)
     info: dict  # checkpoint path, kind, fingerprint, epoch, fold, threshold
     encoders: dict | None  # the label set the heads were trained on (None for the untrained floor)
+    class_counts: list[int] | None = None  # training images per individual class (None for the floor)
 
 
 def uses_refit(cfg: Config) -> bool:
@@ -115,7 +116,8 @@ def load_model(cfg: Config, refit: bool = False) -> Loaded:
         "best_metric": float(ckpt["best_metric"]),
         "threshold": float(ckpt["threshold"]),
     }
-    return Loaded(model, heads, config_from_dict(ckpt["config"]), False, info, ckpt["label_encoders"])
+    return Loaded(model, heads, config_from_dict(ckpt["config"]), False, info, ckpt["label_encoders"],
+                  list(ckpt["class_counts"]))
 
 
 def check_checkpoint_inputs(cfg: Config, loaded: Loaded) -> list[str]:
@@ -224,11 +226,15 @@ def check_finite(rows: pd.DataFrame, emb: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def top_logits(heads: nn.Module, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k individual-class cosines of each embedding row: (labels int64, scores float32)."""
+def top_logits(heads: nn.Module, emb: np.ndarray, k: int, untrained: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k individual-class cosines of each embedding row: (labels int64, scores float32).
+    Classes in `untrained` (no training image: their centres are untrained) are left out."""
     labels, scores = [], []
     for start in range(0, len(emb), LOGIT_CHUNK):
         cos = heads.individual.cosine(torch.from_numpy(emb[start:start + LOGIT_CHUNK]))
+        if untrained is not None and len(untrained):
+            cos[:, torch.from_numpy(untrained)] = -torch.inf
+            k = min(k, cos.shape[1] - len(untrained))
         s, i = torch.topk(cos, min(k, cos.shape[1]), dim=1)
         labels.append(i.numpy().astype(np.int64))
         scores.append(s.numpy().astype(np.float32))
@@ -237,20 +243,23 @@ def top_logits(heads: nn.Module, emb: np.ndarray, k: int) -> tuple[np.ndarray, n
     return np.concatenate(labels), np.concatenate(scores)
 
 
-def _write_logits(out: Path, heads: nn.Module | None, rows: pd.DataFrame, emb: np.ndarray, k: int) -> str:
-    """test_logits.npz: per test image (its rows averaged) the top-k class cosines; returns a note."""
+def _write_logits(out: Path, loaded: Loaded, rows: pd.DataFrame, emb: np.ndarray, k: int) -> str:
+    """test_logits.npz: per test image (its rows averaged) the top-k class cosines, over the
+    classes the checkpoint trained (`untrained` lists the others); returns a note."""
     if k <= 0:
         return "off (embed.logits_topk = 0)"
-    if heads is None:
+    if loaded.heads is None:
         return "skipped: the untrained backbone has no ArcFace head"
     codes, images = pd.factorize(rows["image"], sort=False)
     summed = np.zeros((len(images), emb.shape[1]), dtype=np.float32)
     np.add.at(summed, codes, emb)
-    labels, scores = top_logits(heads, summed, k)
+    untrained = np.flatnonzero(np.asarray(loaded.class_counts) == 0).astype(np.int64)
+    labels, scores = top_logits(loaded.heads, summed, k, untrained)
     with atomic_path(out / "test_logits.npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, images=np.asarray(images, dtype=str), labels=labels, scores=scores)
-    return f"top {labels.shape[1]} class cosines for {len(images)} test images"
+            np.savez(fh, images=np.asarray(images, dtype=str), labels=labels, scores=scores, untrained=untrained)
+    return (f"top {labels.shape[1]} class cosines for {len(images)} test images "
+            f"({len(untrained)} classes without training images left out)")
 
 
 def _input_paths(cfg: Config, *models: Loaded | None) -> list[Path]:
@@ -340,7 +349,7 @@ def _run(cfg: Config, rt: Runtime) -> Path:
         for name in FOLD_FILES:  # those of an earlier refit run would be read as this run's
             (out / name).unlink(missing_ok=True)
     test = (rows["split"] == "test").to_numpy()
-    logits_note = _write_logits(out, loaded.heads, rows[test], emb[test], cfg.embed.logits_topk)
+    logits_note = _write_logits(out, loaded, rows[test], emb[test], cfg.embed.logits_topk)
     report = {
         "checkpoint": loaded.info,
         "fold_checkpoint": fold_model.info if fold_model is not None else None,

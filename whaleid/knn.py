@@ -297,12 +297,16 @@ def blend_logits(
     logit_scores: np.ndarray,
     weight: float,
     top: int = 5,
+    unblended: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank individuals by (1 - weight) * kNN score + weight * ArcFace class cosine.
 
     Candidates are the union of both lists. An individual missing from one list gets that list's
     lowest score in the row (its true score is at most that, being outside the top). Both scores
     are cosines, so the blend stays on the scale the new_individual threshold was set on.
+    Individuals in `unblended` (those the heads never trained a class for: the validation fold's
+    own animals, when the fold model ranks test) keep their kNN score: a class cosine there
+    would only be the floor, and pushed them down the ranking.
     """
     knn_scores = np.where(knn_labels == PAD_LABEL, -np.inf, knn_scores).astype(np.float32)
     cand = np.concatenate([knn_labels, logit_labels], axis=1)
@@ -315,7 +319,10 @@ def blend_logits(
         found = np.where(match, values[:, None, :], -np.inf).max(axis=2)
         return np.where(np.isfinite(found), found, floor)
 
-    blended = (1.0 - weight) * lookup(knn_labels, knn_scores) + weight * lookup(logit_labels, logit_scores)
+    knn_part = lookup(knn_labels, knn_scores)
+    blended = (1.0 - weight) * knn_part + weight * lookup(logit_labels, logit_scores)
+    if unblended is not None and len(unblended):
+        blended = np.where(np.isin(cand, unblended), knn_part, blended)
     blended = np.where(cand == PAD_LABEL, -np.inf, blended)
     order = np.argsort(-blended, axis=1, kind="stable")
     return dedupe_sorted(np.take_along_axis(cand, order, axis=1), np.take_along_axis(blended, order, axis=1), top)

@@ -436,8 +436,9 @@ def _blend(cfg: Config, emb: Embeddings, r: Ranking) -> tuple[np.ndarray, np.nda
     if missing.any():
         raise UserError(f"test_logits.npz lacks test image {r.images[missing][0]!r}: rerun {EMBED_MADE_BY}")
     rows = pos.loc[r.images].to_numpy()
+    untrained = emb.logits["untrained"] if "untrained" in emb.logits else None  # older stage-03 files lack it
     labels, scores = knn.blend_logits(r.labels, r.scores, emb.logits["labels"][rows],
-                                      emb.logits["scores"][rows].astype(np.float32), w, top=5)
+                                      emb.logits["scores"][rows].astype(np.float32), w, top=5, unblended=untrained)
     return labels, scores, f"on: weight {w} over {emb.logits['labels'].shape[1]} class cosines"
 
 
