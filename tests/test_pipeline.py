@@ -119,24 +119,47 @@ def test_rerun_of_a_finished_stage_keeps_its_outputs(pipeline_run: Path) -> None
 
 
 @pytest.mark.slow
-def test_logit_blend_runs_and_leaves_out_classes_without_training_images(pipeline_run: Path, tmp_path: Path) -> None:
-    """Stages 03-04 again with the ArcFace-logit blend, on the fold model (no refit): the
-    validation fold's own individuals have no trained class, so stage 03 leaves them out of the
-    top-k and lists them, and stage 04 blends the others."""
+@pytest.mark.parametrize("refit", [False, True])
+def test_logit_blend_runs_and_leaves_out_classes_without_training_images(
+    pipeline_run: Path, tmp_path: Path, refit: bool
+) -> None:
+    """Stages 03-04 again with the ArcFace-logit blend. The fold model never trained a class for
+    the validation fold's own individuals, so stage 03 leaves them out of its top-k and lists
+    them; stage 04 blends the others, in validation (always the fold model) as in test (the
+    fold model, or the refit model, which trained every class)."""
     out = tmp_path / "out"
     shutil.copytree(pipeline_run / "out", out)
-    sets = [*tiny_sets(pipeline_run)[:-1], f"paths.outputs={out}", "train.refit=false",
+    sets = [*tiny_sets(pipeline_run)[:-1], f"paths.outputs={out}", f"train.refit={str(refit).lower()}",
             "embed.logits_topk=4", "knn.logit_weight=0.3"]
     for script in ("03_embed.py", "04_knn_submit.py"):
         proc = run_stage(script, sets, cwd=pipeline_run)
         assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    counts = np.asarray(torch.load(out / "02_train" / "best.pt", weights_only=True)["class_counts"])
-    untrained = np.flatnonzero(counts == 0)
+
+    def untrained_of(checkpoint: Path) -> np.ndarray:
+        return np.flatnonzero(np.asarray(torch.load(checkpoint, weights_only=True)["class_counts"]) == 0)
+
+    untrained = untrained_of(out / "02_train" / "best.pt")
     assert len(untrained) > 0  # the tiny demo's validation fold holds individuals of its own
+    test_untrained = untrained_of(out / "02_train" / "refit" / "best.pt") if refit else untrained
+    assert len(test_untrained) == (0 if refit else len(untrained))
     with np.load(out / "03_embed" / "test_logits.npz") as logits:
+        np.testing.assert_array_equal(logits["untrained"], test_untrained)
+        assert logits["labels"].shape[1] == 4 and not np.isin(logits["labels"], test_untrained).any()
+    with np.load(out / "03_embed" / "train_logits.npz") as logits:  # the validation queries' logits
         np.testing.assert_array_equal(logits["untrained"], untrained)
-        assert logits["labels"].shape[1] == 4 and not np.isin(logits["labels"], untrained).any()
+        train_images = set(pd.read_csv(out / "03_embed" / "train_index.csv")["image"])
+        assert set(logits["images"]) == train_images
     metrics = json.loads((out / "04_submit" / "metrics.json").read_text())
     assert metrics["logit_blend"].startswith("on: weight 0.3")
+    assert metrics["logit_blend_validation"].startswith("on: weight 0.3")  # calibrated on blended scores
     preds = [p.split() for p in pd.read_csv(out / "submission.csv")["predictions"]]
     assert all(len(p) == 5 and len(set(p)) == 5 for p in preds)
+    # logits off again: stage 03 removes both files, and stage 04 then ranks by kNN only
+    sets[-2] = "embed.logits_topk=0"
+    for script in ("03_embed.py", "04_knn_submit.py"):
+        proc = run_stage(script, sets, cwd=pipeline_run)
+        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert not (out / "03_embed" / "test_logits.npz").exists() and not (out / "03_embed" / "train_logits.npz").exists()
+    metrics = json.loads((out / "04_submit" / "metrics.json").read_text())
+    assert metrics["logit_blend"] == "skipped: no test_logits.npz"
+    assert metrics["logit_blend_validation"] == "skipped: no train_logits.npz"

@@ -225,6 +225,6 @@ def test_blend_keeps_individuals_without_a_class_on_their_knn_score(with_list: b
     if with_list:
         logits["untrained"] = np.array([2])
     emb = submit.Embeddings(np.zeros((0, 2)), np.zeros((0, 2)), pd.DataFrame(), pd.DataFrame(), logits, {})
-    labels, scores, note = submit._blend(cfg, emb, r)
+    labels, scores, note = submit._blend(cfg, emb.logits, r, "test_logits.npz", 5)
     assert note.startswith("on: weight 0.5")
     np.testing.assert_array_equal(labels[0, :3], [2, 1, 4] if with_list else [1, 4, 2])

@@ -243,22 +243,23 @@ def top_logits(heads: nn.Module, emb: np.ndarray, k: int, untrained: np.ndarray 
     return np.concatenate(labels), np.concatenate(scores)
 
 
-def _write_logits(out: Path, loaded: Loaded, rows: pd.DataFrame, emb: np.ndarray, k: int) -> str:
-    """test_logits.npz: per test image (its rows averaged) the top-k class cosines, over the
-    classes the checkpoint trained (`untrained` lists the others); returns a note."""
-    if k <= 0:
-        return "off (embed.logits_topk = 0)"
-    if loaded.heads is None:
-        return "skipped: the untrained backbone has no ArcFace head"
+def _write_logits(out: Path, name: str, loaded: Loaded, rows: pd.DataFrame, emb: np.ndarray, k: int) -> str:
+    """`name` (test_logits.npz, train_logits.npz): per image (its rows averaged) the top-k class
+    cosines, over the classes the checkpoint trained (`untrained` lists the others); returns a
+    note. When none is written, an earlier run's file is removed, so stage 04 cannot blend with
+    another model's logits."""
+    if k <= 0 or loaded.heads is None:
+        (out / name).unlink(missing_ok=True)
+        return "off (embed.logits_topk = 0)" if k <= 0 else "skipped: the untrained backbone has no ArcFace head"
     codes, images = pd.factorize(rows["image"], sort=False)
     summed = np.zeros((len(images), emb.shape[1]), dtype=np.float32)
     np.add.at(summed, codes, emb)
     untrained = np.flatnonzero(np.asarray(loaded.class_counts) == 0).astype(np.int64)
     labels, scores = top_logits(loaded.heads, summed, k, untrained)
-    with atomic_path(out / "test_logits.npz") as tmp:
+    with atomic_path(out / name) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=np.asarray(images, dtype=str), labels=labels, scores=scores, untrained=untrained)
-    return (f"top {labels.shape[1]} class cosines for {len(images)} test images "
+    return (f"top {labels.shape[1]} class cosines for {len(images)} images "
             f"({len(untrained)} classes without training images left out)")
 
 
@@ -349,7 +350,14 @@ def _run(cfg: Config, rt: Runtime) -> Path:
         for name in FOLD_FILES:  # those of an earlier refit run would be read as this run's
             (out / name).unlink(missing_ok=True)
     test = (rows["split"] == "test").to_numpy()
-    logits_note = _write_logits(out, loaded, rows[test], emb[test], cfg.embed.logits_topk)
+    k = cfg.embed.logits_topk
+    logits_note = _write_logits(out, "test_logits.npz", loaded, rows[test], emb[test], k)
+    # the train images' logits by the model stage 04 validates with, so that it calibrates the
+    # new_individual threshold on blended scores as the test images will have them
+    if fold_model is not None:
+        _write_logits(out, "train_logits.npz", fold_model, fold_rows, fold_emb, k)
+    else:
+        _write_logits(out, "train_logits.npz", loaded, rows[~test], emb[~test], k)
     report = {
         "checkpoint": loaded.info,
         "fold_checkpoint": fold_model.info if fold_model is not None else None,

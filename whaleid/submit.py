@@ -12,9 +12,9 @@ Threshold for new_individual (`knn.new_mode`):
 - `share`: the threshold that puts new_individual first for `knn.new_share` of the test images,
   as the 1st-place solution did.
 - `fixed`: `knn.new_threshold`.
-The ArcFace-logit blend (`knn.logit_weight`) needs `test_logits.npz`, which stage 03 writes for
-test images only, so it changes test rankings only: validation scores and the calibrated
-threshold come from pure kNN scores (the blend is a convex mix of cosines, on the same scale).
+The ArcFace-logit blend (`knn.logit_weight`) needs `test_logits.npz` and `train_logits.npz`
+(stage 03, `embed.logits_topk > 0`): the validation ranking is blended as the test ranking is,
+with the validating model's class cosines, so the threshold is calibrated on blended scores.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ class Embeddings:
     # train.refit: the fold model's train embeddings, which validation and calibration use
     fold_train: np.ndarray | None = None
     fold_train_index: pd.DataFrame | None = None
+    # the train images' class cosines by the validating model (train_logits.npz), for the blend
+    train_logits: dict | None = None
 
 
 @dataclass
@@ -117,16 +119,15 @@ def load_embeddings(folder: Path) -> Embeddings:
     if len(test) and test.shape[1] != train.shape[1]:
         raise UserError(f"train and test embeddings differ in size ({train.shape[1]} vs {test.shape[1]}): "
                         f"rerun {EMBED_MADE_BY}")
-    logits = None
-    if (folder / "test_logits.npz").exists():
-        logits = load_array(folder / "test_logits.npz", EMBED_MADE_BY)
+    logits, train_logits = (load_array(folder / name, EMBED_MADE_BY) if (folder / name).exists() else None
+                            for name in ("test_logits.npz", "train_logits.npz"))
     report = read_json(folder / "report.json") if (folder / "report.json").exists() else {}
     fold_train = fold_index = None
     if report.get("fold_checkpoint"):  # train.refit: written by the same stage-03 run as the rest
         fold_train, fold_index = _read_emb(folder / "fold_train_emb.npy", folder / "fold_train_index.csv")
         if fold_train.shape[1] != train.shape[1]:
             raise UserError(f"{folder / 'fold_train_emb.npy'} and train_emb.npy differ in size: rerun {EMBED_MADE_BY}")
-    return Embeddings(train, test, train_index, test_index, logits, report, fold_train, fold_index)
+    return Embeddings(train, test, train_index, test_index, logits, report, fold_train, fold_index, train_logits)
 
 
 def _train_lookup(catalogue: pd.DataFrame, images: pd.Series, what: str) -> pd.DataFrame:
@@ -422,24 +423,35 @@ def _sample_images(cfg: Config) -> list[str]:
     return df["image"].tolist()
 
 
-def _blend(cfg: Config, emb: Embeddings, r: Ranking) -> tuple[np.ndarray, np.ndarray, str]:
-    """The test ranking after the optional ArcFace-logit blend, and a note on what happened."""
+def _blend(cfg: Config, logits: dict | None, r: Ranking, name: str, top: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The ranking `r` after the optional ArcFace-logit blend with `logits` (stage 03's `name`),
+    `top` individuals a query, and a note on what happened."""
     w = cfg.knn.logit_weight
     if w <= 0:
-        return r.labels, r.scores, "off (knn.logit_weight = 0)"
-    if emb.logits is None:
-        print("note: knn.logit_weight > 0 but 03_embed wrote no test_logits.npz "
-              "(set embed.logits_topk > 0); ranking by kNN only")
-        return r.labels, r.scores, "skipped: no test_logits.npz"
-    pos = pd.Series(np.arange(len(emb.logits["images"])), index=emb.logits["images"])
+        return r.labels[:, :top], r.scores[:, :top], "off (knn.logit_weight = 0)"
+    if logits is None:
+        print(f"note: knn.logit_weight > 0 but 03_embed wrote no {name} "
+              "(set embed.logits_topk > 0 and rerun it); ranking by kNN only")
+        return r.labels[:, :top], r.scores[:, :top], f"skipped: no {name}"
+    pos = pd.Series(np.arange(len(logits["images"])), index=logits["images"])
     missing = ~np.isin(r.images, pos.index)
     if missing.any():
-        raise UserError(f"test_logits.npz lacks test image {r.images[missing][0]!r}: rerun {EMBED_MADE_BY}")
+        raise UserError(f"{name} lacks image {r.images[missing][0]!r}: rerun {EMBED_MADE_BY}")
     rows = pos.loc[r.images].to_numpy()
-    untrained = emb.logits["untrained"] if "untrained" in emb.logits else None  # older stage-03 files lack it
-    labels, scores = knn.blend_logits(r.labels, r.scores, emb.logits["labels"][rows],
-                                      emb.logits["scores"][rows].astype(np.float32), w, top=5, unblended=untrained)
-    return labels, scores, f"on: weight {w} over {emb.logits['labels'].shape[1]} class cosines"
+    untrained = logits["untrained"] if "untrained" in logits else None  # older stage-03 files lack it
+    labels, scores = knn.blend_logits(r.labels, r.scores, logits["labels"][rows],
+                                      logits["scores"][rows].astype(np.float32), w, top=top, unblended=untrained)
+    return labels, scores, f"on: weight {w} over {logits['labels'].shape[1]} class cosines"
+
+
+def _blend_validation(cfg: Config, emb: Embeddings, val: dict | None, top: int, label_species: np.ndarray) -> str:
+    """Blend the validation ranking in place as the test ranking is blended, so the threshold is
+    calibrated on the scores it will meet; returns a note."""
+    if val is None or cfg.knn.logit_weight <= 0:
+        return "off"
+    val["labels"], val["scores"], note = _blend(cfg, emb.train_logits, val["ranking"], "train_logits.npz", top)
+    val["species"] = _predicted_species(val["labels"], label_species)
+    return note
 
 
 @dataclass
@@ -672,15 +684,16 @@ def run(cfg: Config) -> Path:
     frequent = train_cat["label"].value_counts(sort=True).index.to_numpy()
 
     candidates = cfg.rerank.candidates if cfg.rerank.enabled else 5
+    top = max(BLEND_CANDIDATES if cfg.knn.logit_weight > 0 else 5, candidates)
     if emb.fold_train is not None:  # train.refit: validate with the model that did not train on the fold
         val = validation_ranking(cfg, emb.fold_train, _train_lookup(catalogue, emb.fold_train_index["image"],
-                                                                    "fold_train_index.csv"), label_species, candidates)
+                                                                    "fold_train_index.csv"), label_species, top)
     else:
-        val = validation_ranking(cfg, emb.train, rows, label_species, candidates)
-    top = max(BLEND_CANDIDATES if cfg.knn.logit_weight > 0 else 5, candidates)
+        val = validation_ranking(cfg, emb.train, rows, label_species, top)
+    val_blend_note = _blend_validation(cfg, emb, val, candidates, label_species)
     test_rank = rank(emb.train, train_labels, np.arange(len(emb.train)), emb.test,
                      emb.test_index["image"].to_numpy(), cfg, top)
-    labels, scores, blend_note = _blend(cfg, emb, test_rank)
+    labels, scores, blend_note = _blend(cfg, emb.logits, test_rank, "test_logits.npz", candidates)
     rerank_note: dict | str = "off (rerank.enabled = false)"
     inliers = None
     if cfg.rerank.enabled:
@@ -713,6 +726,7 @@ def run(cfg: Config) -> Path:
     write_csv(out / "pseudo_labels.csv", pseudo)
     metrics["counts"] = _counts(sample, result, test_rank, len(pseudo), len(emb.train))
     metrics["logit_blend"] = blend_note
+    metrics["logit_blend_validation"] = val_blend_note
     metrics["rerank"] = rerank_note
     metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val, (test_rank, pred, labels, scores, inliers),
                                              threshold, answers, id_names)
