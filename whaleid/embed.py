@@ -229,13 +229,13 @@ def check_finite(rows: pd.DataFrame, emb: np.ndarray) -> None:
 def top_logits(heads: nn.Module, emb: np.ndarray, k: int, untrained: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k individual-class cosines of each embedding row: (labels int64, scores float32).
     Classes in `untrained` (no training image: their centres are untrained) are left out."""
+    untrained = torch.from_numpy(untrained if untrained is not None else np.zeros(0, np.int64))
+    k = min(k, heads.individual.n_classes - len(untrained))
     labels, scores = [], []
     for start in range(0, len(emb), LOGIT_CHUNK):
         cos = heads.individual.cosine(torch.from_numpy(emb[start:start + LOGIT_CHUNK]))
-        if untrained is not None and len(untrained):
-            cos[:, torch.from_numpy(untrained)] = -torch.inf
-            k = min(k, cos.shape[1] - len(untrained))
-        s, i = torch.topk(cos, min(k, cos.shape[1]), dim=1)
+        cos[:, untrained] = -torch.inf
+        s, i = torch.topk(cos, k, dim=1)
         labels.append(i.numpy().astype(np.int64))
         scores.append(s.numpy().astype(np.float32))
     if not labels:
