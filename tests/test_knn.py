@@ -179,3 +179,43 @@ def test_blend_logits_leaves_individuals_without_a_class_on_their_knn_score() ->
                                       unblended=np.array([2]))
     np.testing.assert_array_equal(labels[0], [2, 1, 4])  # its kNN score, 0.75, ranks it first
     np.testing.assert_allclose(scores[0], [0.75, 0.7, 0.7], atol=1e-6)
+
+
+def test_rank_queries_searches_deeper_when_one_animal_fills_the_neighbours() -> None:
+    """Six photos of individual 0 sit next to the query, so with k=2 its photos fill the list: the
+    query is searched again with k doubled until three individuals are ranked."""
+    d = 8
+    e = np.eye(d, dtype=np.float32)
+    query = e[:1]
+    near = [e[0] + 0.05 * e[j] for j in range(1, 7)]
+    at = [0.5 * e[0] + np.sqrt(0.75) * e[7], 0.45 * e[0] + np.sqrt(1 - 0.45**2) * e[6],
+          0.3 * e[0] + np.sqrt(0.91) * e[5], 0.1 * e[0] + np.sqrt(0.99) * e[4]]
+    gallery = knn.l2_normalize(np.stack(near + at))
+    labels = np.array([0] * 6 + [1, 1, 2, 3])
+    ids, ranked, scores, best, deepened = knn.rank_queries(gallery, labels, query, np.array(["q"]), k=2, top=3,
+                                                           backend="faiss_cpu")
+    assert list(ids) == ["q"] and deepened == 1
+    np.testing.assert_array_equal(ranked, [[0, 1, 2]])
+    np.testing.assert_allclose(scores[0, 1:], [0.5, 0.3], atol=1e-6)
+    assert best[0, 1] == 6 and best[0, 2] == 8 and labels[best[0, 0]] == 0
+    _, shallow, _, _, none = knn.rank_queries(gallery, labels, query, np.array(["q"]), k=10, top=3,
+                                              backend="faiss_cpu")
+    np.testing.assert_array_equal(shallow, ranked)
+    assert none == 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 50])
+def test_rank_queries_equals_the_exhaustive_per_individual_max(k: int) -> None:
+    """Any k gives what scoring every gallery photo would: two rows per query (flips), merged."""
+    rng = np.random.default_rng(k)
+    gallery, labels = unit(rng, 60), rng.integers(0, 8, 60)
+    rows, groups = unit(rng, 20), np.repeat(np.arange(10), 2)
+    ids, ranked, scores, best, _ = knn.rank_queries(gallery, labels, rows, groups, k=k, top=5, backend="faiss_cpu")
+    sims = (rows @ gallery.T).reshape(10, 2, 60).max(axis=1)
+    per_id = np.stack([np.where(labels == c, sims, -np.inf).max(axis=1) for c in range(8)], axis=1)
+    order = np.argsort(-per_id, axis=1)[:, :5]
+    np.testing.assert_array_equal(ids, np.arange(10))
+    np.testing.assert_array_equal(ranked, order)
+    np.testing.assert_allclose(scores, np.take_along_axis(per_id, order, axis=1), atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(sims, best, axis=1), scores, atol=1e-5)
+    assert (labels[best] == ranked).all()

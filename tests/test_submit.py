@@ -220,7 +220,7 @@ def test_blend_keeps_individuals_without_a_class_on_their_knn_score(with_list: b
     cfg = load_config(sets=["knn.logit_weight=0.5"])
     images = np.array(["q.jpg"])
     r = submit.Ranking(images, np.array([[1, 2, 4]]), np.array([[0.8, 0.75, 0.5]], np.float32),
-                       np.zeros((1, 0)), np.zeros((1, 0), int), np.zeros(0, int))
+                       np.full((1, 3), -1), np.zeros(0, int))
     logits = {"images": images, "labels": np.array([[1, 4]]), "scores": np.array([[0.6, 0.9]], np.float32)}
     if with_list:
         logits["untrained"] = np.array([2])
@@ -228,3 +228,72 @@ def test_blend_keeps_individuals_without_a_class_on_their_knn_score(with_list: b
     labels, scores, note = submit._blend(cfg, emb.logits, r, "test_logits.npz", 5)
     assert note.startswith("on: weight 0.5")
     np.testing.assert_array_equal(labels[0, :3], [2, 1, 4] if with_list else [1, 4, 2])
+
+
+def test_a_small_k_searches_deeper_and_gives_the_same_submission(tmp_path: Path) -> None:
+    """With knn.k=1 each query's neighbours hold one individual; stage 04 searches deeper, so the
+    submission, the scores and the report match knn.k=50 (before, the report crashed on padding)."""
+    make_artifacts(tmp_path)
+    wide = pd.read_csv(submit.run(config(tmp_path)), dtype=str)
+    wide_metrics = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())
+    narrow = pd.read_csv(submit.run(config(tmp_path, "knn.k=1")), dtype=str)
+    metrics = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())
+    pd.testing.assert_frame_equal(narrow, wide)
+    assert metrics["validation"] == wide_metrics["validation"]
+    assert metrics["counts"]["searched_deeper"] == {"test": 9, "validation": 12}
+    assert wide_metrics["counts"]["searched_deeper"] == {"test": 0, "validation": 0}
+    assert metrics["report"]["queries"] == 4
+
+
+def test_to_ids_never_turns_padding_into_an_id() -> None:
+    out = submit.to_ids(np.array([[0, knn.NEW_LABEL, 1, knn.PAD_LABEL, knn.PAD_LABEL]]), ["a", "b", "c"])
+    assert out == [["a", NEW_ID, "b", "", ""]]
+
+
+def _ranking(labels: list, scores: list, best: list, gallery_rows: list) -> submit.Ranking:
+    return submit.Ranking(np.array([f"q{i}" for i in range(len(labels))], dtype=object), np.array(labels),
+                          np.array(scores, np.float32), np.array(best), np.array(gallery_rows))
+
+
+def test_pseudo_labels_use_the_knn_cosine_and_skip_new_individual_first() -> None:
+    """Re-ranked scores (cosine + w log(1 + inliers)) exceed 1; the confidence is the kNN cosine of
+    the submission's first individual, and a row with new_individual first is never pseudo-labelled."""
+    r = _ranking([[3, 1], [2, 0], [1, 2]], [[0.85, 0.5], [0.95, 0.4], [0.9, 0.3]], [[0, 1]] * 3, [0, 1])
+    pred = np.array([[1, 3, 0, 2, 4], [knn.NEW_LABEL, 2, 0, 1, 3], [1, knn.NEW_LABEL, 2, 0, 3]])
+    first = np.where(pred[:, 0] >= 0, pred[:, 0], -1)  # as stage 04 does
+    conf = submit.knn_scores_of(r, first)
+    np.testing.assert_allclose(conf, [0.5, -np.inf, 0.9])
+    out = submit.pseudo_labels(list(r.images), first, conf, ["a", "b", "c", "d", "e"], 0.8)
+    assert out.to_dict("list") == {"image": ["q2"], "individual_id": ["b"], "confidence": [0.9]}
+
+
+def test_checkpoint_threshold_is_not_applied_to_re_ranked_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(submit, "_checkpoint_threshold", lambda report: (0.6, "threshold stored in checkpoint x"))
+    cfg = load_config(sets=["prepare.fold=-1", "knn.new_share=0.5"])
+    top1 = np.array([0.9, 1.4, 1.1, 0.7], np.float32)
+    assert submit.choose_threshold(cfg, None, top1, {}).value == 0.6
+    t = submit.choose_threshold(cfg, None, top1, {}, rescored=True)
+    assert t.how.startswith("share") and "re-ranked" in t.how
+    assert t.value == pytest.approx(1.0)
+
+
+def test_faiss_gpu_backend_without_a_gpu_is_a_clear_error() -> None:
+    if knn.faiss_gpus() > 0:
+        pytest.skip("faiss sees a GPU here")
+    with pytest.raises(UserError, match="faiss_gpu but faiss sees no GPU"):
+        submit._check_knn_config(load_config(sets=["knn.backend=faiss_gpu"]))
+
+
+def test_report_tiles_show_gallery_photos_and_the_query_threshold() -> None:
+    """A candidate without a kNN neighbour (brought in by the blend) shows one of its gallery
+    photos, never a photo outside the gallery (a validation fold image, maybe the query itself)."""
+    train_images = np.array(["fold.jpg", "g1.jpg", "g2.jpg", "g3.jpg"], dtype=object)
+    train_labels = np.array([2, 1, 2, 0])
+    r = _ranking([[1, 0]], [[0.9, 0.6]], [[0, 2]], [1, 2, 3])  # gallery: train rows 1-3
+    crop_of = {("train", i): f"crops/{i}" for i in train_images}
+    tiles = submit._candidate_tiles(r, 0, np.array([1, knn.NEW_LABEL, 2, 0, knn.PAD_LABEL]),
+                                    np.array([[1, 2, 0]]), np.array([[0.9, 0.7, 0.6]]), 0.65, train_images,
+                                    train_labels, crop_of, ["x", "y", "z"], "z")
+    assert [t.label for t in tiles] == ["y", NEW_ID, "z", "x"]
+    assert [t.path for t in tiles] == ["crops/g1.jpg", None, "crops/g2.jpg", "crops/g3.jpg"]
+    assert tiles[1].score == 0.65 and [t.correct for t in tiles] == [False, False, True, False]

@@ -10,11 +10,16 @@ of an individual is the max similarity over its gallery images among the k neigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 NEW_LABEL = -1
 PAD_LABEL = -2
 BACKENDS = ("auto", "faiss_gpu", "torch", "faiss_cpu")
+FAISS_GPU_MAX_K = 2048  # faiss's GPU indexes return at most this many neighbours a query
+
+Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -23,7 +28,8 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
-def _faiss_gpus() -> int:
+def faiss_gpus() -> int:
+    """How many GPUs faiss can use (0 with faiss-cpu or without faiss)."""
     try:
         import faiss
     except ImportError:
@@ -38,7 +44,7 @@ def resolve_backend(backend: str = "auto") -> str:
         raise ValueError(f"unknown knn backend {backend!r}; valid: {list(BACKENDS)}")
     if backend != "auto":
         return backend
-    if _faiss_gpus() > 0:
+    if faiss_gpus() > 0:
         return "faiss_gpu"
     try:
         import torch
@@ -50,23 +56,27 @@ def resolve_backend(backend: str = "auto") -> str:
     return "faiss_cpu"
 
 
-def _search_torch(gallery: np.ndarray, queries: np.ndarray, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def _torch_searcher(gallery: np.ndarray, chunk: int = 4096) -> Searcher:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.from_numpy(gallery).to(device)
-    scores, idx = [], []
-    for start in range(0, len(queries), chunk):
-        q = torch.from_numpy(queries[start : start + chunk]).to(device)
-        s, i = torch.topk(q @ g.T, k, dim=1)
-        scores.append(s.cpu().numpy())
-        idx.append(i.cpu().numpy())
-    return np.concatenate(scores), np.concatenate(idx)
+
+    def run(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, idx = [], []
+        for start in range(0, len(queries), chunk):
+            q = torch.from_numpy(queries[start : start + chunk]).to(device)
+            s, i = torch.topk(q @ g.T, k, dim=1)
+            scores.append(s.cpu().numpy())
+            idx.append(i.cpu().numpy())
+        if not scores:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate(scores), np.concatenate(idx)
+
+    return run
 
 
-def _search_faiss(
-    gallery: np.ndarray, queries: np.ndarray, k: int, gpu: bool, index: str, nlist: int, nprobe: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _faiss_searcher(gallery: np.ndarray, gpu: bool, index: str, nlist: int, nprobe: int) -> Searcher:
     import faiss
 
     d = gallery.shape[1]
@@ -83,7 +93,26 @@ def _search_faiss(
     if gpu:
         idx = faiss.index_cpu_to_all_gpus(idx)
     idx.add(gallery)
-    return idx.search(queries, k)
+
+    def run(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return idx.search(queries, k)
+
+    return run
+
+
+def searcher(
+    gallery: np.ndarray, backend: str = "auto", index: str = "flat", nlist: int = 1024, nprobe: int = 32,
+) -> tuple[Searcher, int]:
+    """An index over `gallery` (built once) and the largest k it can return: a function
+    (queries, k) -> (scores, gallery indices), best first, k at most that limit."""
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    if gallery.ndim != 2:
+        raise ValueError(f"the gallery must be 2-d, got shape {gallery.shape}")
+    chosen = resolve_backend(backend)
+    limit = min(len(gallery), FAISS_GPU_MAX_K) if chosen == "faiss_gpu" else len(gallery)
+    if chosen == "torch":
+        return _torch_searcher(gallery), limit
+    return _faiss_searcher(gallery, chosen == "faiss_gpu", index, nlist, nprobe), limit
 
 
 def search(
@@ -103,18 +132,18 @@ def search(
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if gallery.ndim != 2 or queries.ndim != 2 or gallery.shape[1] != queries.shape[1]:
         raise ValueError(f"shape mismatch: gallery {gallery.shape}, queries {queries.shape}")
-    k = min(k, len(gallery))
-    chosen = resolve_backend(backend)
-    if chosen == "torch":
-        return _search_torch(gallery, queries, k)
-    return _search_faiss(gallery, queries, k, chosen == "faiss_gpu", index, nlist, nprobe)
+    run, limit = searcher(gallery, backend, index, nlist, nprobe)
+    return run(queries, min(k, limit))
 
 
-def dedupe_sorted(labels: np.ndarray, scores: np.ndarray, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def dedupe_sorted(labels: np.ndarray, scores: np.ndarray, top: int | None = None,
+                  payload: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """Keep the first (best) occurrence of each label per row of a best-first list.
 
     Rows must be sorted by score, best first; PAD_LABEL entries are dropped. Returns (labels,
-    scores) of shape (Q, top), kept entries moved to the front, padded with PAD_LABEL and -inf.
+    scores) of shape (Q, top), kept entries moved to the front, padded with PAD_LABEL and -inf;
+    with `payload` (an int array aligned with `labels`), also the payload of each kept entry
+    (-1 in padding).
     """
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float32)
@@ -133,23 +162,75 @@ def dedupe_sorted(labels: np.ndarray, scores: np.ndarray, top: int | None = None
     front = np.argsort(~keep, axis=1, kind="stable")
     out_labels = np.take_along_axis(np.where(keep, labels, PAD_LABEL), front, axis=1)
     out_scores = np.take_along_axis(np.where(keep, scores, -np.inf), front, axis=1).astype(np.float32)
+    outs = [out_labels, out_scores]
+    if payload is not None:
+        outs.append(np.take_along_axis(np.where(keep, payload, -1), front, axis=1))
+    fills = (PAD_LABEL, -np.inf, -1)
     if top > k:
-        out_labels = np.pad(out_labels, ((0, 0), (0, top - k)), constant_values=PAD_LABEL)
-        out_scores = np.pad(out_scores, ((0, 0), (0, top - k)), constant_values=-np.inf)
-    return out_labels[:, :top], out_scores[:, :top]
+        outs = [np.pad(o, ((0, 0), (0, top - k)), constant_values=f) for o, f in zip(outs, fills)]
+    return tuple(o[:, :top] for o in outs)
 
 
 def aggregate_by_individual(
-    scores: np.ndarray, indices: np.ndarray, gallery_labels: np.ndarray, top: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    scores: np.ndarray, indices: np.ndarray, gallery_labels: np.ndarray, top: int | None = None,
+    with_index: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Per query, individuals ranked by their best neighbour score (max over their images).
 
     `scores`/`indices` are a search result sorted best first; faiss marks missing neighbours with
-    index -1. Returns (labels, scores) of shape (Q, top), padded with PAD_LABEL and -inf.
+    index -1. Returns (labels, scores) of shape (Q, top), padded with PAD_LABEL and -inf; with
+    `with_index`, also the gallery index of each individual's best neighbour (-1 in padding).
     """
     labels = np.where(indices >= 0, np.asarray(gallery_labels)[np.clip(indices, 0, None)], PAD_LABEL)
     scores = np.where(indices >= 0, scores, -np.inf).astype(np.float32)
-    return dedupe_sorted(labels, scores, top)
+    return dedupe_sorted(labels, scores, top, payload=np.asarray(indices) if with_index else None)
+
+
+def rank_queries(
+    gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, groups: np.ndarray, k: int,
+    top: int, backend: str = "auto", index: str = "flat", nlist: int = 1024, nprobe: int = 32,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """kNN of query rows, the rows of one query merged (`groups`: flips, crop sources), then the
+    per-individual max: (query ids in first-seen order, labels, scores, gallery index of each
+    individual's best neighbour, deepened), each (Q, top) but the first and the last.
+
+    The `top` individuals are exact when the last of them scores at least the k-th neighbour
+    score of every row of the query: any photo left out scores at most that. A query where this
+    fails (fewer than `top` individuals: an animal with many photos filled the neighbours; or a
+    merged row whose own neighbours ran out early) is searched again with k doubled until it holds
+    or k covers the gallery. `deepened` counts those queries.
+    """
+    gallery_labels = np.asarray(gallery_labels)
+    groups = np.asarray(groups)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    run, limit = searcher(gallery, backend, index, nlist, nprobe)
+    k = max(1, min(k, limit))
+    need = min(top, len(np.unique(gallery_labels[gallery_labels >= 0])))
+
+    def ranked(rows: np.ndarray | slice) -> tuple[np.ndarray, ...]:
+        scores, idx = run(queries[rows], k)
+        # A row's k-th score bounds every photo it left out (none are left out at k = gallery size).
+        kth = np.where((idx[:, -1] >= 0) & (k < len(gallery)), scores[:, -1], -np.inf)
+        ids, scores, idx = group_neighbours(scores, idx, groups[rows])
+        sorter = np.argsort(ids, kind="stable")
+        bound = np.full(len(ids), -np.inf, dtype=np.float32)
+        np.maximum.at(bound, sorter[np.searchsorted(ids, groups[rows], sorter=sorter)], kth)
+        labels, agg, best = aggregate_by_individual(scores, idx, gallery_labels, top, with_index=True)
+        unsure = agg[:, need - 1] < bound if need > 0 else np.zeros(len(ids), dtype=bool)
+        return ids, labels, agg, best, unsure
+
+    ids, labels, agg, best, unsure = ranked(slice(None))
+    sorter = np.argsort(ids, kind="stable")
+    deepened = np.zeros(len(ids), dtype=bool)
+    while unsure.any() and k < limit:
+        k = min(2 * k, limit)
+        deepened |= unsure
+        more_ids, more_labels, more_agg, more_best, more_unsure = ranked(np.isin(groups, ids[unsure]))
+        at = sorter[np.searchsorted(ids, more_ids, sorter=sorter)]
+        labels[at], agg[at], best[at] = more_labels, more_agg, more_best
+        unsure = np.zeros(len(ids), dtype=bool)
+        unsure[at] = more_unsure
+    return ids, labels, agg, best, int(deepened.sum())
 
 
 def group_neighbours(
@@ -350,9 +431,11 @@ def rank_individuals(
     nlist: int = 1024,
     nprobe: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """kNN search then per-individual max: (labels, scores) of shape (Q, top), best first."""
-    scores, idx = search(gallery, queries, k, backend=backend, index=index, nlist=nlist, nprobe=nprobe)
-    return aggregate_by_individual(scores, idx, gallery_labels, top=top)
+    """kNN search then per-individual max: (labels, scores) of shape (Q, top), best first; a query
+    whose k neighbours hold fewer than `top` individuals is searched deeper (`rank_queries`)."""
+    _, labels, scores, _, _ = rank_queries(gallery, gallery_labels, queries, np.arange(len(queries)), k, top,
+                                           backend, index, nlist, nprobe)
+    return labels, scores
 
 
 def evaluate_fold(

@@ -79,9 +79,9 @@ class Ranking:
     images: np.ndarray
     labels: np.ndarray
     scores: np.ndarray
-    nbr_scores: np.ndarray
-    nbr_index: np.ndarray  # indices into the gallery rows below
+    best_index: np.ndarray  # per ranked individual, its best neighbour: an index into gallery_rows
     gallery_rows: np.ndarray  # rows of train_emb that formed the gallery
+    deepened: int = 0  # queries searched beyond knn.k to find enough individuals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,17 +149,17 @@ def rank(
     query_images: np.ndarray, cfg: Config, top: int = 5,
 ) -> Ranking:
     """kNN of `queries` among the train rows `gallery_rows` (labels: codes of all train rows),
-    rows of one query image merged (flips, crop sources), then the per-individual max."""
+    rows of one query image merged (flips, crop sources), then the per-individual max; a query
+    whose `knn.k` neighbours hold fewer than `top` individuals is searched deeper."""
     k = cfg.knn
     if len(queries) == 0:
         empty = np.zeros((0, top), dtype=np.float32)
         codes = np.full((0, top), knn.PAD_LABEL, dtype=np.int64)
-        return Ranking(np.array([], dtype=object), codes, empty, empty, codes, gallery_rows)
-    scores, idx = knn.search(emb[gallery_rows], queries, k.k, backend=k.backend, index=k.index,
-                             nlist=k.ivf_nlist, nprobe=k.ivf_nprobe)
-    images, scores, idx = knn.group_neighbours(scores, idx, query_images)
-    ranked, agg = knn.aggregate_by_individual(scores, idx, labels[gallery_rows], top=top)
-    return Ranking(images, ranked, agg, scores, idx, gallery_rows)
+        return Ranking(np.array([], dtype=object), codes, empty, np.full((0, top), -1), gallery_rows)
+    images, ranked, agg, best, deepened = knn.rank_queries(
+        emb[gallery_rows], labels[gallery_rows], queries, query_images, k.k, top, backend=k.backend,
+        index=k.index, nlist=k.ivf_nlist, nprobe=k.ivf_nprobe)
+    return Ranking(images, ranked, agg, best, gallery_rows, deepened)
 
 
 def _species_of_labels(train: pd.DataFrame, n_labels: int) -> np.ndarray:
@@ -209,8 +209,11 @@ def _checkpoint_threshold(report: dict) -> tuple[float | None, str]:
     return float(value), f"threshold stored in checkpoint {path}"
 
 
-def choose_threshold(cfg: Config, val: dict | None, test_top1: np.ndarray, report: dict) -> Threshold:
-    """Apply `knn.new_mode` (module docstring) to the validation ranking and the test top-1 scores."""
+def choose_threshold(cfg: Config, val: dict | None, test_top1: np.ndarray, report: dict,
+                     rescored: bool = False) -> Threshold:
+    """Apply `knn.new_mode` (module docstring) to the validation ranking and the test top-1 scores.
+    `rescored`: the scores were re-ranked by local features, so a checkpoint's threshold (a cosine)
+    does not apply to them."""
     k = cfg.knn
     if k.new_mode not in NEW_MODES:
         raise UserError(f"unknown knn.new_mode {k.new_mode!r}; valid: {list(NEW_MODES)}")
@@ -222,6 +225,8 @@ def choose_threshold(cfg: Config, val: dict | None, test_top1: np.ndarray, repor
         return share
     if val is None:
         value, why = _checkpoint_threshold(report)
+        if value is not None and rescored:
+            value, why = None, "the checkpoint's threshold is a cosine, not a re-ranked score"
         if value is None:
             share.how += f" (calibrate asked, but there is no validation fold and {why})"
             print(f"note: no validation fold to calibrate on and {why}; using the share rule")
@@ -382,9 +387,12 @@ def rerank_rankings(
 # ---------------------------------------------------------------------------------------------
 
 def to_ids(codes: np.ndarray, id_names: list[str]) -> list[list[str]]:
-    """Label codes to individual ids (NEW_LABEL -> new_individual)."""
-    names = np.asarray(list(id_names) + [NEW_ID], dtype=object)
-    return [list(row) for row in names[np.where(codes == knn.NEW_LABEL, len(id_names), codes)]]
+    """Label codes to individual ids (NEW_LABEL -> new_individual, PAD_LABEL -> "", which matches
+    no answer; a submission row keeping one fails `validate_submission`)."""
+    names = np.asarray(list(id_names) + [NEW_ID, ""], dtype=object)
+    codes = np.asarray(codes)
+    where = np.where(codes == knn.NEW_LABEL, len(id_names), np.where(codes < 0, len(id_names) + 1, codes))
+    return [list(row) for row in names[where]]
 
 
 def validate_submission(df: pd.DataFrame, sample_images: list[str], known_ids: set[str]) -> None:
@@ -484,12 +492,13 @@ def build_submission(
 
 def pseudo_labels(images: list[str], codes: np.ndarray, scores: np.ndarray, id_names: list[str],
                   min_conf: float) -> pd.DataFrame:
-    """Test images whose best (non-new) individual scores at least `min_conf`."""
+    """Test images whose submission puts a known individual `codes` first (-1: new_individual or no
+    embedding) with a kNN cosine `scores` of at least `min_conf`."""
     keep = np.isfinite(scores) & (scores >= min_conf) & (codes >= 0)
     return pd.DataFrame({
         "image": np.asarray(images, dtype=object)[keep],
         "individual_id": np.asarray(id_names, dtype=object)[codes[keep]] if keep.any() else [],
-        "confidence": np.round(scores[keep], 6),
+        "confidence": np.round(scores[keep].astype(np.float64), 6),
     })
 
 
@@ -541,31 +550,37 @@ def _candidate_tiles(
     inliers: np.ndarray | None = None,
 ) -> list[Tile]:
     """Tiles of query `q`: per predicted code its best-matching gallery crop and score (and, after
-    re-ranking, the inlier count of its best-verified photo; `inliers` aligned with `labels`)."""
-    nbr_labels = train_labels[r.gallery_rows[np.clip(r.nbr_index[q], 0, None)]]
+    re-ranking, the inlier count of its best-verified photo; `inliers` aligned with `labels`).
+    The crop is the individual's best kNN neighbour; a candidate the logit blend brought in shows
+    one of its gallery photos. Padding (a gallery of fewer than 5 individuals) gets no tile."""
     tiles = []
     for code in codes:
-        name = NEW_ID if code == knn.NEW_LABEL else id_names[code]
-        correct = None if truth is None else name == truth
         if code == knn.NEW_LABEL:
-            tiles.append(Tile(NEW_ID, threshold, None, correct))
+            tiles.append(Tile(NEW_ID, threshold, None, None if truth is None else truth == NEW_ID))
             continue
-        hits = np.flatnonzero((nbr_labels == code) & (r.nbr_index[q] >= 0))
-        row = r.gallery_rows[r.nbr_index[q][hits[0]]] if len(hits) else np.flatnonzero(train_labels == code)[0]
+        if code < 0:
+            continue
+        name = id_names[code]
+        at = np.flatnonzero(r.labels[q] == code)
+        nbr = int(r.best_index[q][at[0]]) if len(at) else -1
+        if nbr < 0:
+            own = np.flatnonzero(train_labels[r.gallery_rows] == code)
+            nbr = int(own[0]) if len(own) else -1
+        crop = crop_of.get(("train", train_images[r.gallery_rows[nbr]])) if nbr >= 0 else None
         score = scores[q][labels[q] == code]
         verified = inliers[q][labels[q] == code] if inliers is not None else []
-        tiles.append(Tile(name, float(score[0]) if len(score) else None,
-                          crop_of.get(("train", train_images[row])), correct,
+        tiles.append(Tile(name, float(score[0]) if len(score) else None, crop, None if truth is None else name == truth,
                           int(verified[0]) if len(verified) else None))
     return tiles
 
 
 def report_rows(
     cfg: Config, source: str, r: Ranking, pred: np.ndarray, labels: np.ndarray, scores: np.ndarray,
-    threshold: float, truth: list[str | None], rows: pd.DataFrame, crop_of: dict, id_names: list[str],
+    thresholds: np.ndarray, truth: list[str | None], rows: pd.DataFrame, crop_of: dict, id_names: list[str],
     inliers: np.ndarray | None = None,
 ) -> list[QueryRow]:
-    """QueryRows for a seeded random sample of `knn.report_queries` queries of one ranking."""
+    """QueryRows for a seeded random sample of `knn.report_queries` queries of one ranking
+    (`thresholds`: each query's new_individual threshold, shown on its new_individual tile)."""
     rng = np.random.default_rng(cfg.seed)
     n = min(cfg.knn.report_queries, len(r.images))
     chosen = np.sort(rng.choice(len(r.images), size=n, replace=False)) if n else []
@@ -573,7 +588,7 @@ def report_rows(
     train_images, train_labels = rows["image"].to_numpy(), rows["label"].to_numpy()
     return [
         QueryRow(str(r.images[q]), crop_of.get((split, r.images[q])), truth[q],
-                 _candidate_tiles(r, q, pred[q], labels, scores, threshold, train_images, train_labels,
+                 _candidate_tiles(r, q, pred[q], labels, scores, float(thresholds[q]), train_images, train_labels,
                                   crop_of, id_names, truth[q], inliers))
         for q in chosen
     ]
@@ -597,6 +612,11 @@ def _check_knn_config(cfg: Config) -> None:
         raise UserError(f"knn.new_share must be within [0, 1], got {k.new_share}")
     if not 0.0 <= k.logit_weight <= 1.0:
         raise UserError(f"knn.logit_weight must be within [0, 1], got {k.logit_weight}")
+    if k.backend == "faiss_gpu" and knn.faiss_gpus() == 0:
+        raise UserError("knn.backend is faiss_gpu but faiss sees no GPU (faiss-cpu installed, or no CUDA device); "
+                        "use knn.backend: auto")
+    if k.index == "ivf" and knn.resolve_backend(k.backend) == "torch":
+        print("note: knn.index ivf applies to the faiss backends; the torch backend searches exactly")
 
 
 def _print_table(metrics: dict) -> None:
@@ -622,31 +642,35 @@ def _validation_metrics(val: dict, threshold: Threshold, id_names: list[str], fo
 
 def _write_visual_report(
     cfg: Config, out: Path, catalogue: pd.DataFrame, rows: pd.DataFrame, val: dict | None,
-    test: tuple[Ranking, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], threshold: Threshold,
+    test: tuple[Ranking, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray], threshold: Threshold,
     answers: pd.Series | None, id_names: list[str],
 ) -> dict:
     """Show test queries, marked when answers exist; else validation queries (always marked).
-    `test` is (ranking, predictions, candidate labels, scores, inlier counts or None)."""
+    `test` is (ranking, predictions, candidate labels, scores, inlier counts or None, each query's
+    threshold)."""
     crop_of = _crop_paths(cfg, catalogue)
-    r, pred, labels, scores, inliers = test
+    r, pred, labels, scores, inliers, thresholds = test
     if answers is None and val is not None:
         source = "validation"
         r, pred, labels, scores = val["ranking"], val["pred"], val["labels"], val["scores"]
         rows = val["rows"]  # the rows the validation ranking indexes (the fold model's with train.refit)
         inliers = val.get("inliers")
         truth = list(val["truth_ids"])
+        thresholds = threshold.for_queries(val["species"])
     else:
         source = "test"
         truth = [answers.get(i) if answers is not None else None for i in r.images]
-    qrows = report_rows(cfg, source, r, pred, labels, scores, threshold.value, truth, rows, crop_of, id_names,
+    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64).reshape(-1), (len(r.images),))
+    qrows = report_rows(cfg, source, r, pred, labels, scores, thresholds, truth, rows, crop_of, id_names,
                         inliers)
     notes = [f"{len(qrows)} {source} queries (seeded sample); new_individual threshold {threshold.value:.4f} "
-             f"({threshold.how}); the new_individual tile shows the threshold as its score."]
+             f"({threshold.how}); the new_individual tile shows the query's threshold as its score."]
     paths = write_report(qrows, out, f"whaleid stage 04: {source} queries", notes)
     return {"queries_from": source, "queries": len(qrows)} | paths
 
 
-def _counts(sample: list[str], result: SubmissionResult, test_rank: Ranking, n_pseudo: int, gallery_rows: int) -> dict:
+def _counts(sample: list[str], result: SubmissionResult, test_rank: Ranking, n_pseudo: int, gallery_rows: int,
+            val: dict | None) -> dict:
     fallback = [img for img, ok in zip(sample, result.ranked) if not ok]
     if fallback:
         print(f"note: {len(fallback)} test image(s) have no embedding (excluded upstream); their rows are "
@@ -659,6 +683,8 @@ def _counts(sample: list[str], result: SubmissionResult, test_rank: Ranking, n_p
         "new_first_share": float((result.codes[:, 0] == knn.NEW_LABEL).mean()) if sample else 0.0,
         "pseudo_labels": n_pseudo,
         "gallery_rows": gallery_rows,
+        # queries whose knn.k neighbours held fewer individuals than ranked, searched deeper
+        "searched_deeper": {"test": test_rank.deepened, "validation": val["ranking"].deepened if val else 0},
     }
 
 
@@ -701,7 +727,8 @@ def run(cfg: Config) -> Path:
                                                       labels[:, :candidates], scores[:, :candidates])
         if val is not None:  # the top-1 individual may have changed, and with it its species
             val["species"] = _predicted_species(val["labels"], label_species)
-    threshold = choose_threshold(cfg, val, scores[:, 0], emb.report)
+    rescored = isinstance(rerank_note, dict) and rerank_note["weight"] > 0
+    threshold = choose_threshold(cfg, val, scores[:, 0], emb.report, rescored)
 
     metrics: dict = {"threshold": {"value": threshold.value, "how": threshold.how, "mode": cfg.knn.new_mode}}
     if threshold.per_species:
@@ -710,7 +737,8 @@ def run(cfg: Config) -> Path:
     if val is not None:
         metrics["validation"] = _validation_metrics(val, threshold, id_names, cfg.prepare.fold)
 
-    pred = knn.insert_new(labels, scores, threshold.for_queries(_predicted_species(labels, label_species)))
+    test_thresholds = threshold.for_queries(_predicted_species(labels, label_species))
+    pred = knn.insert_new(labels, scores, test_thresholds)
     sample = _sample_images(cfg)
     result = build_submission(sample, test_rank.images, pred, scores[:, 0], id_names, frequent)
     validate_submission(result.submission, sample, set(id_names))
@@ -721,14 +749,18 @@ def run(cfg: Config) -> Path:
 
     out = stage_dir(cfg, "submit")
     write_resolved_config(cfg, out)
-    pseudo = pseudo_labels(sample, _top1_codes(test_rank.images, labels, sample), result.top1, id_names,
-                           cfg.knn.pseudo_conf)
+    # Pseudo-labels: the submission's first id when it is a known individual, scored by its kNN
+    # cosine (blended and re-ranked scores are on other scales than knn.pseudo_conf).
+    first = np.where(pred[:, 0] >= 0, pred[:, 0], -1)
+    pseudo = pseudo_labels(sample, _in_sample_order(test_rank.images, first, sample, -1),
+                           _in_sample_order(test_rank.images, knn_scores_of(test_rank, first), sample, np.nan),
+                           id_names, cfg.knn.pseudo_conf)
     write_csv(out / "pseudo_labels.csv", pseudo)
-    metrics["counts"] = _counts(sample, result, test_rank, len(pseudo), len(emb.train))
+    metrics["counts"] = _counts(sample, result, test_rank, len(pseudo), len(emb.train), val)
     metrics["logit_blend"] = blend_note
     metrics["logit_blend_validation"] = val_blend_note
     metrics["rerank"] = rerank_note
-    metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val, (test_rank, pred, labels, scores, inliers),
+    metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val, (test_rank, pred, labels, scores, inliers, test_thresholds),
                                              threshold, answers, id_names)
     metrics["fingerprints"] = {
         "inputs": fingerprint_files(sorted(embed_dir.glob("*_emb.npy")) + sorted(embed_dir.glob("*_index.csv"))),
@@ -750,11 +782,19 @@ def run(cfg: Config) -> Path:
     return path
 
 
-def _top1_codes(ranked_images: np.ndarray, labels: np.ndarray, sample: list[str]) -> np.ndarray:
-    """Best non-new individual code per sample image (-1 for images without embeddings)."""
+def _in_sample_order(ranked_images: np.ndarray, values: np.ndarray, sample: list[str], fill: float) -> np.ndarray:
+    """Per sample image, its value among the ranked images' `values` (`fill` for images without
+    embeddings)."""
     pos = pd.Series(np.arange(len(ranked_images)), index=ranked_images, dtype=np.int64)
     names = np.asarray(sample, dtype=object)
     found = np.isin(names, ranked_images)
-    out = np.full(len(sample), -1, dtype=np.int64)
-    out[found] = labels[pos.loc[names[found]].to_numpy(), 0]
+    out = np.full(len(sample), fill, dtype=np.asarray(values).dtype if np.isfinite(fill) else np.float64)
+    out[found] = values[pos.loc[names[found]].to_numpy()]
     return out
+
+
+def knn_scores_of(r: Ranking, codes: np.ndarray) -> np.ndarray:
+    """Each query's kNN score (the max cosine over the individual's photos) of the individual
+    `codes[q]` in the ranking `r`; -inf where `r` does not rank it."""
+    hit = r.labels == np.asarray(codes)[:, None]
+    return np.where(hit, r.scores, -np.inf).max(axis=1, initial=-np.inf)
