@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,33 @@ def test_wrong_type_names_the_key(expr: str) -> None:
     key = expr.split("=")[0]
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config(sets=[expr])
+
+
+@pytest.mark.parametrize("expr", ["train.epochs=null", "train.epochs=~", "train.lr_backbone=null",
+                                  "crop.sources=null", "train.amp=null"])
+def test_null_is_refused_where_the_default_is_not_null(expr: str) -> None:
+    key = re.escape(expr.split("=")[0])
+    with pytest.raises(UserError, match=f"{key}.*got null"):
+        load_config(sets=[expr])
+
+
+def test_null_is_refused_in_an_overlay(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"train\.epochs"):
+        load_config(overlays=[_overlay(tmp_path, {"train": {"epochs": None}})])
+
+
+def test_float_keys_take_exponents_yaml_reads_as_strings(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; a float key takes it as 0.001."""
+    assert yaml.safe_load("1e-3") == "1e-3"
+    cfg = load_config(sets=["train.lr_backbone=1e-3"])
+    assert cfg.train.lr_backbone == 0.001 and isinstance(cfg.train.lr_backbone, float)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train:\n  lr_backbone: 2E-4\n")
+    assert load_config(overlays=[overlay]).train.lr_backbone == 0.0002
+    with pytest.raises(UserError, match=r"train\.lr_backbone"):
+        load_config(sets=["train.lr_backbone=fast"])
+    with pytest.raises(UserError, match=r"train\.epochs"):
+        load_config(sets=["train.epochs=1e3"])       # int keys stay strict
 
 
 def test_unknown_key_lists_valid_keys() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from pathlib import Path
 
 import cv2
@@ -23,7 +25,7 @@ from whaleid.boxes import (
 )
 from whaleid.config import load_config
 from whaleid.errors import UserError
-from whaleid.images import resize_square
+from whaleid.images import read_image, resize_square
 
 # --- synthetic photos: a dark ellipse (the animal) on a blue-ish, noisy sea ---------------
 
@@ -281,3 +283,84 @@ def test_detector_features_follow_crop_detector_amp(monkeypatch: pytest.MonkeyPa
     assert not torch.equal(feats[True][1], feats[False][1]), "bf16 autocast ran"
     cosine = torch.nn.functional.cosine_similarity(feats[True][1].flatten(1), feats[False][1].flatten(1))
     assert cosine.min() > 0.99, cosine
+
+
+class Killed(Exception):
+    """Stands in for a SIGKILL of the stage."""
+
+
+def test_crops_a_killed_run_rewrote_without_logging_are_not_reused(tmp_path, monkeypatch, capsys):
+    """Run A (margin 0.1) finishes; run B (margin 0.4) is killed after its workers rewrote every
+    crop file but before the main process logged more than the first row (Pool.imap hands the
+    results back in chunks); run C, at margin 0.1 again, must remake them, not take B's files
+    for A's because crops.csv still lists them under A's settings."""
+    cat, truth = write_set(tmp_path / "photos", 6, 0)
+    box_csv = tmp_path / "boxes.csv"
+    truth.drop(columns="split").assign(conf=0.9).to_csv(box_csv, index=False)
+    sets = ["crop.box_source.fullbody=import", f"crop.box_files.fullbody={box_csv}", "crop.image_size=32"]
+    cfg = make_cfg(tmp_path, *sets, "crop.margin=0.1")
+    write_catalogue(cfg, cat)
+    detect.run(cfg)
+    made_by_a = {p: Path(p).read_bytes() for p in detect.load_crops(cfg)["crop_path"]}
+
+    def killed_after_one_row(tasks, workers, on_result):
+        results = [detect.crop_one(task) for task in tasks]   # every file rewritten...
+        on_result(tasks[0], results[0])                        # ...one row logged, then the kill
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(detect, "run_tasks", killed_after_one_row)
+        with pytest.raises(Killed):
+            detect.run(make_cfg(tmp_path, *sets, "crop.margin=0.4"))
+    assert sum(Path(p).read_bytes() != b for p, b in made_by_a.items()) == 6   # B's files are in place
+    capsys.readouterr()
+    detect.run(cfg)
+    assert "(6 made now, 0 up to date)" in capsys.readouterr().out
+    assert {p: Path(p).read_bytes() for p in detect.load_crops(cfg)["crop_path"]} == made_by_a
+
+
+def test_crops_are_redone_for_another_copy_of_the_photos_however_old(tmp_path, capsys):
+    """Reuse checks the photo a crop came from (path, size, modification time), not only that
+    the crop is newer: a copy of the data elsewhere with the same names and older times (unzip,
+    cp -p, rsync -a), or a file replaced by an older one, has its crops redone. A crops.csv
+    without these columns (an older version) is read, and all its crops redone."""
+    cat, _ = write_set(tmp_path / "photos", 4, 0)
+    cfg = make_cfg(tmp_path, "crop.box_source.fullbody=full", "crop.image_size=32")
+    write_catalogue(cfg, cat)
+    detect.run(cfg)
+    copy, _ = write_set(tmp_path / "copy", 4, 0, seed=1)             # same names, other pixels
+    for path in copy["path"]:
+        os.utime(path, ns=(10**18, 10**18))                          # 2001: older than every crop
+    write_catalogue(cfg, copy)
+    capsys.readouterr()
+    detect.run(cfg)
+    assert "(4 made now, 0 up to date)" in capsys.readouterr().out
+    crops = detect.load_crops(cfg)
+    assert crops["photo_path"].tolist() == copy["path"].tolist()
+    for row in crops.itertuples():
+        want = resize_square(read_image(row.photo_path)[0], 32, keep_aspect=False).astype(int)
+        assert np.abs(read_image(row.crop_path)[0].astype(int) - want).mean() < 4, row.image
+
+    replaced = Path(copy["path"][0])                                 # in place, by an older file
+    cv2.imwrite(str(replaced), np.zeros((40, 50, 3), np.uint8))
+    os.utime(replaced, ns=(10**18 - 10**9, 10**18 - 10**9))
+    detect.run(cfg)
+    assert "(1 made now, 3 up to date)" in capsys.readouterr().out
+
+    crops_csv = Path(cfg.paths.outputs) / "01_crops" / "crops.csv"
+    pd.read_csv(crops_csv).drop(columns=detect.PHOTO_COLUMNS).to_csv(crops_csv, index=False)
+    detect.run(cfg)
+    assert "(4 made now, 0 up to date)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("expr", [
+    "crop.image_size=0", "crop.margin=-0.1", "crop.min_conf=1.5", "crop.jpeg_quality=101", "crop.workers=-1",
+    "crop.sources=[]", "crop.sources=[a, a]", "crop.detector.epochs=0", "crop.detector.batch_size=0",
+    "crop.detector.image_size=16", "crop.detector.lr=0", "crop.detector.max_train_images=0",
+])
+def test_bad_crop_setting_stops_naming_the_key_before_any_work(tmp_path, expr):
+    cfg = make_cfg(tmp_path, "crop.box_source.fullbody=full", "crop.box_source.a=full", expr)
+    write_catalogue(cfg, write_set(tmp_path / "photos", 2, 0)[0])
+    with pytest.raises(UserError, match=re.escape(expr.split("=")[0])):
+        detect.run(cfg)
+    assert not (Path(cfg.paths.outputs) / "01_crops").exists()

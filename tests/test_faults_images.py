@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from whaleid import catalogue, detect
+from whaleid import catalogue, detect, images
 from whaleid.config import config_from_dict, load_config
 from whaleid.images import image_size, read_image
 from whaleid.io import read_json
@@ -125,6 +125,62 @@ def test_read_image_huge(huge: Path) -> None:
     rgb, reason = read_image(huge)
     assert reason == "" and rgb.shape == (9000, 12000, 3)
     assert image_size(huge) == (12000, 9000)
+
+
+@pytest.mark.parametrize("value", [200, 256, 386, 255 * 257, 40000])
+def test_16_bit_gray_scales_by_its_range_like_opencv(tmp_path: Path, value: int) -> None:
+    """A flat 16-bit gray PNG (Pillow mode I;16) reads as round(value / 257), as OpenCV's path
+    does, whatever the image's maximum (it was 200 -> 200 but 256 -> 1)."""
+    path = tmp_path / "gray16.png"
+    cv2.imwrite(str(path), np.full((20, 30), value, np.uint16))
+    assert Image.open(path).mode == "I;16"
+    rgb, reason = read_image(path)
+    assert reason == "" and (rgb == round(value / 257)).all(), (value, rgb[0, 0])
+    opencv = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert (rgb[:, :, 0] == (opencv / 257.0).round().astype(np.uint8)).all()
+
+
+def test_32_bit_gray_is_clipped_to_the_16_bit_range(tmp_path: Path) -> None:
+    """Pillow mode I (32-bit signed): values outside 0..65535 clip instead of wrapping."""
+    path = tmp_path / "gray32.tif"
+    values = np.array([[-5, 70000, 2**31 - 1], [65535, 257 * 100, 0]], np.int32)
+    Image.fromarray(np.repeat(np.repeat(values, 10, axis=0), 10, axis=1)).save(path, format="TIFF")
+    assert Image.open(path).mode == "I"
+    rgb, reason = read_image(path)
+    assert reason == ""
+    np.testing.assert_array_equal(rgb[::10, ::10, 0], [[0, 255, 255], [255, 100, 0]])
+
+
+def test_decompression_bomb_is_refused_by_name_and_never_decoded(tmp_path: Path, monkeypatch) -> None:
+    """Above MAX_PIXELS (patched low) a photo is a bad image named with its size, whether our
+    header check or Pillow's own limit catches it; OpenCV must not decode it instead."""
+    path = tmp_path / "bomb.png"
+    _pil(two_band()).save(path, format="PNG")
+    decoded = []
+    monkeypatch.setattr(images.cv2, "imdecode", lambda *a: decoded.append(a) or cv2.imdecode(*a))
+    monkeypatch.setattr(images, "MAX_PIXELS", 30 * 20 - 1)
+    rgb, reason = read_image(path)
+    assert rgb is None and reason.startswith("image too large") and "bomb.png" in reason and "30 x 20" in reason
+    monkeypatch.setattr(images, "MAX_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow raises DecompressionBombError (> 2x)
+    rgb, reason = read_image(path)
+    assert rgb is None and reason.startswith("image too large") and "bomb.png" in reason and "600" in reason
+    assert decoded == []
+
+
+def test_opencv_fallback_applies_exif_orientation(tmp_path: Path, monkeypatch) -> None:
+    """A file only OpenCV decodes (Pillow patched to refuse it) is still shown upright."""
+    path = tmp_path / "exif6.jpg"
+    _exif_rotated(path)
+
+    def refuse(data: bytes) -> np.ndarray:
+        raise UnidentifiedImageError("patched")
+
+    monkeypatch.setattr(images, "_pil_decode", refuse)
+    rgb, reason = read_image(path)
+    assert reason == "" and rgb.shape == (20, 30, 3)
+    np.testing.assert_allclose(rgb[0, 0], RED, atol=6)
+    np.testing.assert_allclose(rgb[-1, -1], BLUE, atol=6)
 
 
 # --- stage 00 and stage 01 on a folder holding every case ------------------------------------

@@ -7,6 +7,7 @@ Maps listed in OPEN_MAPS take any key (they are keyed by crop-source name).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,10 +56,19 @@ def _type_name(value: Any) -> str:
 
 
 def _check_type(key: str, default: Any, value: Any) -> Any:
-    """Return `value` if it fits the type of `default`, else raise a UserError naming the key."""
-    if default is None or value is None:
+    """Return `value` if it fits the type of `default`, else raise a UserError naming the key.
+
+    null is accepted only where the default is null. For a float key a string that float()
+    reads is accepted too: YAML 1.1 (PyYAML) reads `1e-3` as a string, `1.0e-3` as a float.
+    """
+    if default is None:
         return value
-    if isinstance(default, bool):
+    if isinstance(default, float) and isinstance(value, str):
+        with contextlib.suppress(ValueError):  # not a number: reported below
+            value = float(value)
+    if value is None:
+        ok = False
+    elif isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -76,7 +86,8 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
         ok = isinstance(value, type(default))
     if not ok:
         raise UserError(
-            f"config key {key!r} must be {_type_name(default)} (like {default!r}), got {value!r}"
+            f"config key {key!r} must be {_type_name(default)} (like {default!r}), "
+            f"got {'null' if value is None else repr(value)}"
         )
     return value
 

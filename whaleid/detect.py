@@ -9,11 +9,14 @@ for sets that are already crops). Nothing is lost: without a usable box an image
 frame and a flag saying why. Decoding, cropping and saving run in worker processes; a rerun
 reuses every crop that is still up to date, including those of a run that was killed: each
 finished crop is appended to a journal (`crops.partial.jsonl`) until crops.csv is written.
+A crop is up to date while its photo has the path, size and modification time it was made from.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -51,6 +54,8 @@ METHODS = ("import", "detector", "fallback", "full")
 FLAGS = ("no_box", "degenerate_box", "low_conf")
 CATALOGUE_COLUMNS = ["image", "split", "path", "width", "height"]
 CROP_COLUMNS = ["image", "split", "source", "crop_path", *BOX_COLUMNS, "conf", "method", "flag"]
+PHOTO_COLUMNS = ["photo_path", "photo_bytes", "photo_mtime_ns"]  # the photo a crop was made from
+ROW_KEY = ["image", "split", "source"]
 FALLBACK_VERSION = 1  # bump when boxes.fallback_box changes, so its crops are redone
 CHUNK = 16            # images per worker task
 JOURNAL_NAME = "crops.partial.jsonl"  # finished crops of an unfinished run (read only by this stage)
@@ -87,6 +92,30 @@ def check_sources(cfg: Config) -> dict[str, str]:
     return methods
 
 
+def _check_crop_config(cfg: Config) -> None:
+    """Reject settings of the `crop` section that make no sense, naming the key, before any work
+    (they would fail inside the workers, or after the detector trained, with a traceback)."""
+    c, d = cfg.crop, cfg.crop.detector
+    if not c.sources or len(set(c.sources)) < len(c.sources) or not all(isinstance(s, str) and s for s in c.sources):
+        raise UserError(f"crop.sources must list one or more distinct crop set names, got {c.sources}")
+    if c.image_size < 1:
+        raise UserError(f"crop.image_size must be at least 1 pixel, got {c.image_size}")
+    if not 0.0 <= c.margin < math.inf:
+        raise UserError(f"crop.margin must be 0 or more (a share of the box side), got {c.margin}")
+    if not 0.0 <= c.min_conf <= 1.0:
+        raise UserError(f"crop.min_conf must be within [0, 1], got {c.min_conf}")
+    if not 0 <= c.jpeg_quality <= 100:
+        raise UserError(f"crop.jpeg_quality must be within 0..100, got {c.jpeg_quality}")
+    if c.workers < 0:
+        raise UserError(f"crop.workers must be 0 or more, got {c.workers}")
+    # The detector's coarsest feature map has stride 32: a smaller input has no cell to predict from.
+    for key, least in (("image_size", 32), ("epochs", 1), ("batch_size", 1), ("max_train_images", 1)):
+        if d[key] < least:
+            raise UserError(f"crop.detector.{key} must be at least {least}, got {d[key]}")
+    if not 0.0 < d.lr < math.inf:
+        raise UserError(f"crop.detector.lr must be a positive number, got {d.lr}")
+
+
 def crop_names(cat: pd.DataFrame) -> pd.Series:
     """The crop file name of each catalogue row: the image stem + .jpg, or the full image name
     + .jpg where two images of a split share a stem (a.jpg and a.png)."""
@@ -104,14 +133,26 @@ def crop_settings(cfg: Config) -> dict:
 
 # --- worker: decode, box checks, crop, save ------------------------------------------------
 
+def photo_identity(path: str) -> dict | None:
+    """The photo as its crop records it (PHOTO_COLUMNS): path, size in bytes and modification
+    time, or None when it cannot be stat'ed. Another copy of the data (unzip, cp -p, rsync -a)
+    differs in the path, a file replaced in place in its size or time, even an older time."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return {"photo_path": path, "photo_bytes": stat.st_size, "photo_mtime_ns": stat.st_mtime_ns}
+
+
 def crop_one(task: dict) -> dict:
     """Decode one image, settle its box (computing the fallback box when asked), save the crop.
 
     Returns the crops.csv row, or {"error": reason} when the image no longer decodes.
     """
+    photo = photo_identity(task["path"])  # before decoding: a file replaced meanwhile is redone next run
     rgb, reason = read_image(task["path"])
-    if rgb is None:
-        return {"error": reason}
+    if rgb is None or photo is None:
+        return {"error": reason or "file not found"}
     h, w = rgb.shape[:2]
     box, conf = task["box"], task["conf"]
     if task["method"] == "full":
@@ -125,7 +166,7 @@ def crop_one(task: dict) -> dict:
     crop = resize_square(rgb[top:bottom, left:right], s["image_size"], s["keep_aspect"])
     write_bytes(task["crop_path"], write_jpeg(task["crop_path"], crop, s["jpeg_quality"]))
     return {"crop_path": task["crop_path"], **dict(zip(BOX_COLUMNS, used)),
-            "conf": float(conf) if box is not None else 0.0, "flag": flag}
+            "conf": float(conf) if box is not None else 0.0, "flag": flag, **photo}
 
 
 def run_tasks(tasks: list[dict], workers: int,
@@ -166,23 +207,30 @@ def reuse_key(recipe: str, settings: dict) -> str:
 def load_previous(out: Path) -> pd.DataFrame:
     """Crops of earlier runs, each with the `key` (reuse_key) it was made under: the last
     finished run's crops.csv and report.json, then the journal of a run killed since (newer, so
-    it wins for an image listed in both). Empty when there are none."""
-    parts = [pd.DataFrame(columns=[*CROP_COLUMNS, "key"])]
+    it wins for an image listed in both, and a crop a run in it set out to redo is void in
+    crops.csv even when the run was killed before logging it). Empty when there are none."""
+    parts = [pd.DataFrame(columns=[*CROP_COLUMNS, *PHOTO_COLUMNS, "key"])]
     crops, report = out / "crops.csv", out / "report.json"
+    logged, redone = replay_journal(out / JOURNAL_NAME)
     if crops.is_file() and report.is_file():
         info = read_json(report)
         recipes = {s: reuse_key(i.get("recipe", ""), info.get("settings")) for s, i in info.get("sources", {}).items()}
         done = _read_crops_csv(crops)
-        parts.append(done.assign(key=done["source"].map(recipes)))
-    parts.append(read_journal(out / JOURNAL_NAME))
-    previous = pd.concat(parts, ignore_index=True)
-    return previous.drop_duplicates(["image", "split", "source"], keep="last").reset_index(drop=True)
+        void = np.array([row in redone for row in zip(done["image"], done["split"], done["source"])], bool)
+        parts.append(done[~void].assign(key=done["source"].map(recipes)))
+    previous = _with_photo(pd.concat([*parts, logged], ignore_index=True))
+    return previous.drop_duplicates(ROW_KEY, keep="last").reset_index(drop=True)
 
 
-def read_journal(path: Path) -> pd.DataFrame:
-    """Rows of a crop journal, each with the `key` of the header line above it. A line cut short
-    by a kill (the last one) is skipped; every complete row names a crop file written whole."""
-    rows: list[dict] = []
+def replay_journal(path: Path) -> tuple[pd.DataFrame, set[tuple[str, str, str]]]:
+    """The rows a crop journal still vouches for, each with the `key` of the header line above
+    it, and the (image, split, source) of every crop a run in it set out to redo: its header
+    lists them before any worker starts, and voids the older rows of each (in crops.csv too,
+    see load_previous), since a worker may rewrite a crop file and the run be killed before the
+    row is logged. A line cut short by a kill (the last one) is skipped; every complete row
+    names a crop file written whole."""
+    rows: dict[tuple, dict] = {}
+    redone: set[tuple[str, str, str]] = set()
     if path.is_file():
         keys: dict[str, str] = {}
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -192,23 +240,35 @@ def read_journal(path: Path) -> pd.DataFrame:
                 continue
             if "recipes" in entry:
                 keys = {s: reuse_key(r, entry["settings"]) for s, r in entry["recipes"].items()}
+                for row in map(tuple, entry.get("redo", [])):
+                    rows.pop(row, None)
+                    redone.add(row)
             elif "row" in entry and entry["row"].get("source") in keys:
-                rows.append({**entry["row"], "key": keys[entry["row"]["source"]]})
-    return pd.DataFrame(rows, columns=[*CROP_COLUMNS, "key"])
+                row = entry["row"]
+                rows[tuple(row.get(c) for c in ROW_KEY)] = {**row, "key": keys[row["source"]]}
+    # dtype object: a nanosecond time must not pass through a float
+    logged = pd.DataFrame(list(rows.values()), columns=[*CROP_COLUMNS, *PHOTO_COLUMNS, "key"], dtype=object)
+    return _with_photo(logged), redone
+
+
+def read_journal(path: Path) -> pd.DataFrame:
+    """The rows of a crop journal still valid (replay_journal without the redone set)."""
+    return replay_journal(path)[0]
 
 
 class CropJournal:
     """Append-only log of the crops finished by this run, so a killed run's work is reused.
 
-    A header line gives the recipes and settings the rows below it were made with. Each entry
-    starts with a newline and is flushed at once, so a kill can only cut the last entry short,
-    and the next run's header still starts on a line of its own.
+    A header line gives the recipes and settings the rows below it were made with, and (`redo`)
+    every crop this run is about to make, whose earlier records it voids. Each entry starts with
+    a newline and is flushed at once, so a kill can only cut the last entry short, and the next
+    run's header still starts on a line of its own.
     """
 
-    def __init__(self, path: Path, recipes: dict[str, str], settings: dict) -> None:
+    def __init__(self, path: Path, recipes: dict[str, str], settings: dict, tasks: list[dict]) -> None:
         self.path = path
         self.fh: TextIO = open(path, "a", encoding="utf-8")
-        self._write({"recipes": recipes, "settings": settings})
+        self._write({"recipes": recipes, "settings": settings, "redo": [list(task["row"]) for task in tasks]})
 
     def _write(self, entry: dict) -> None:
         self.fh.write("\n" + json.dumps(entry))
@@ -225,15 +285,17 @@ class CropJournal:
 
 def up_to_date(rows: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
     """Which rows (image, split, source, crop_path, path) have a previous crop still valid:
-    same crop file, and that file exists and is not older than the source image. The caller
-    checks beforehand that the set's box recipe and the crop settings are unchanged."""
-    prev = previous[["image", "split", "source", "crop_path"]].assign(_prev=True)
-    merged = rows[["image", "split", "source", "crop_path", "path"]].merge(
-        prev, on=["image", "split", "source", "crop_path"], how="left")
-    ok = merged["_prev"].notna().to_numpy().copy()
-    for i in np.flatnonzero(ok):
-        crop, src = Path(merged.at[i, "crop_path"]), Path(merged.at[i, "path"])
-        ok[i] = crop.is_file() and src.is_file() and crop.stat().st_mtime_ns >= src.stat().st_mtime_ns
+    same crop file, which still exists, made from the same photo (photo_identity: same path,
+    size and modification time; rows recorded without it, by an older version, are redone).
+    The caller checks beforehand that the set's box recipe and the crop settings are unchanged."""
+    on = [*ROW_KEY, "crop_path"]
+    prev = previous.dropna(subset=PHOTO_COLUMNS)[[*on, *PHOTO_COLUMNS]]
+    merged = rows[[*on, "path"]].merge(prev, on=on, how="left")
+    ok = np.zeros(len(merged), bool)
+    for i in np.flatnonzero(merged["photo_path"].notna().to_numpy()):
+        recorded = (merged.at[i, "photo_path"], int(merged.at[i, "photo_bytes"]), int(merged.at[i, "photo_mtime_ns"]))
+        photo = photo_identity(merged.at[i, "path"])
+        ok[i] = photo is not None and tuple(photo.values()) == recorded and Path(merged.at[i, "crop_path"]).is_file()
     return pd.Series(ok, index=rows.index)
 
 
@@ -242,6 +304,7 @@ def up_to_date(rows: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
 def run(cfg: Config) -> Path:
     """Crop every catalogue image for every crop set; write crops.csv and report.json."""
     start = time.perf_counter()
+    _check_crop_config(cfg)
     out = stage_dir(cfg, "crop")
     stale = check_fresh(Path(cfg.paths.outputs) / "00_prepare" / "report.json", "00_prepare_data.py")
     cat = read_catalogue(cfg)
@@ -257,14 +320,15 @@ def run(cfg: Config) -> Path:
         sources_report[source] = info
         det_summary = summary or det_summary
     t0 = time.perf_counter()
-    journal = CropJournal(out / JOURNAL_NAME, {s: i["recipe"] for s, i in sources_report.items()}, crop_settings(cfg))
+    journal = CropJournal(out / JOURNAL_NAME, {s: i["recipe"] for s, i in sources_report.items()}, crop_settings(cfg),
+                          tasks)
     try:
         results = run_tasks(tasks, cfg.crop.workers, journal.record)
     finally:
         journal.close()
     timing["crop_s"] = time.perf_counter() - t0
     crops, undecodable = _collect(tasks, results)
-    crops = pd.concat([*kept, crops], ignore_index=True)[CROP_COLUMNS]
+    crops = _with_photo(pd.concat([*kept, crops], ignore_index=True))[[*CROP_COLUMNS, *PHOTO_COLUMNS]]
     crops = crops.sort_values(["source", "split", "image"], kind="stable").reset_index(drop=True)
     path = out / "crops.csv"
     write_csv(path, crops)
@@ -335,7 +399,7 @@ def _collect(tasks: list[dict], results: list[dict]) -> tuple[pd.DataFrame, list
             undecodable.append({"image": image, "split": split, "source": source, "reason": result["error"]})
             continue
         rows.append(crop_row(task, result))
-    return pd.DataFrame(rows, columns=CROP_COLUMNS), undecodable
+    return pd.DataFrame(rows, columns=[*CROP_COLUMNS, *PHOTO_COLUMNS]), undecodable
 
 
 def _write_report(cfg: Config, out: Path, crops: pd.DataFrame, sources: dict, undecodable: list[dict],
@@ -378,9 +442,19 @@ def _print_summary(crops: pd.DataFrame, undecodable: list[dict], timing: dict, n
 
 
 def _read_crops_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"image": str, "split": str, "source": str, "crop_path": str,
-                                    "method": str, "flag": str}, keep_default_na=False,
-                       na_values={c: ["", "nan", "NaN"] for c in [*BOX_COLUMNS, "conf"]})
+    """crops.csv with its dtypes; the PHOTO_COLUMNS are NA where absent (an older file)."""
+    crops = pd.read_csv(path, dtype={"image": str, "split": str, "source": str, "crop_path": str,
+                                     "method": str, "flag": str, "photo_path": str,
+                                     "photo_bytes": "Int64", "photo_mtime_ns": "Int64"}, keep_default_na=False,
+                        na_values={c: ["", "nan", "NaN"] for c in [*BOX_COLUMNS, "conf", *PHOTO_COLUMNS]})
+    return _with_photo(crops)
+
+
+def _with_photo(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with the PHOTO_COLUMNS (NA where unknown), the integers as Int64: exact, since a
+    modification time in nanoseconds does not fit a float."""
+    df = df.reindex(columns=[*df.columns, *[c for c in PHOTO_COLUMNS if c not in df.columns]])
+    return df.astype({"photo_bytes": "Int64", "photo_mtime_ns": "Int64"})
 
 
 def load_crops(cfg: Config) -> pd.DataFrame:

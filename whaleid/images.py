@@ -37,16 +37,35 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     return np.require(arr, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
+class _TooLarge(ValueError):
+    """A photo above MAX_PIXELS, refused from its header before its pixels are decoded."""
+
+
 def _pil_decode(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
+        # Image.open reads the header only; Pillow itself merely warns up to 2 x its limit.
+        if img.width * img.height > MAX_PIXELS:
+            raise _TooLarge(f"{img.width} x {img.height} pixels")
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.uint32)
-            arr = (arr >> 8).astype(np.uint8) if arr.max() > 255 else arr.astype(np.uint8)
+            # 16-bit samples (mode I: 32-bit, as old Pillows open 16-bit PNGs) scale by 1/257 like
+            # the OpenCV path, whatever the image's maximum; values outside 0..65535 are clipped.
+            arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535).astype(np.uint16)
             return _to_rgb_uint8(arr)
         if img.mode not in ("RGB", "L"):
             img = img.convert("RGB")
         return _to_rgb_uint8(np.asarray(img))
+
+
+def _cv2_decode(data: bytes) -> np.ndarray | None:
+    """OpenCV's decode, EXIF-rotated: any flag but IMREAD_UNCHANGED applies the orientation,
+    and ANYDEPTH keeps 16 bits for `_to_rgb_uint8` (alpha is dropped there anyway)."""
+    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if decoded is None:
+        return None
+    if decoded.ndim == 3 and decoded.shape[2] >= 3:
+        decoded = cv2.cvtColor(decoded[:, :, :3], cv2.COLOR_BGR2RGB)
+    return _to_rgb_uint8(decoded)
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray | None, str]:
@@ -62,15 +81,17 @@ def read_image(path: str | Path) -> tuple[np.ndarray | None, str]:
         return None, "empty file (0 bytes)"
     try:
         arr = _pil_decode(data)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except _TooLarge as err:
+        return None, (f"image too large: {path.name} is {err}, above the {MAX_PIXELS:,} pixel limit "
+                      "(decompression bomb)")
+    except Image.DecompressionBombError as err:
+        # Never handed to OpenCV, which would decode it whole (GBs per worker).
+        return None, f"image too large: {path.name}: {err}"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         # PIL refuses some files OpenCV can read (and the reverse); try OpenCV before giving up.
-        buf = np.frombuffer(data, dtype=np.uint8)
-        decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-        if decoded is None:
+        arr = _cv2_decode(data)
+        if arr is None:
             return None, f"not a decodable image ({type(err).__name__}: {err})"
-        if decoded.ndim == 3 and decoded.shape[2] >= 3:
-            decoded = cv2.cvtColor(decoded[:, :, :3], cv2.COLOR_BGR2RGB)
-        arr = _to_rgb_uint8(decoded)
     if arr.shape[0] < 2 or arr.shape[1] < 2:
         return None, f"image too small ({arr.shape[1]}x{arr.shape[0]})"
     return arr, ""
