@@ -75,6 +75,36 @@ def test_freeze_stages_keeps_the_stem_and_early_stages_fixed_in_a_training_step(
         model.freeze_stages(5)
 
 
+# The modules each setting of freeze_stages freezes: the stem and the first n feature stages. timm
+# names a stage by its last module (Lite0: blocks.0, blocks.1, blocks.2, blocks.4, blocks.6), so
+# Lite0's stage 3 is blocks.3-4 and n=3 must stop after blocks.2; n=2 is the benchmarked setting.
+FROZEN_MODULES = {
+    "tf_efficientnet_lite0": {
+        1: ("conv_stem", "bn1", "blocks.0"),
+        2: ("conv_stem", "bn1", "blocks.0", "blocks.1"),
+        3: ("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"),
+        4: ("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"),
+    },
+    "resnet18": {  # stage 0 is act1, which holds no parameters
+        1: ("conv1", "bn1"),
+        2: ("conv1", "bn1", "layer1"),
+        3: ("conv1", "bn1", "layer1", "layer2"),
+        4: ("conv1", "bn1", "layer1", "layer2", "layer3"),
+    },
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(FROZEN_MODULES))
+def test_freeze_stages_freezes_the_stem_and_exactly_the_first_n_stages(backbone: str) -> None:
+    for n, modules in FROZEN_MODULES[backbone].items():
+        model = build_model(load_config(sets=[*SETS[:2], f"model.backbone={backbone}"]))
+        frozen = model.freeze_stages(n)
+        named = list(model.backbone.named_parameters())
+        expected = [name for name, _ in named if name.startswith(tuple(m + "." for m in modules))]
+        assert frozen == expected, (n, sorted(set(frozen) ^ set(expected))[:4])
+        assert [name for name, p in named if not p.requires_grad] == expected, n
+
+
 def test_checkpoint_round_trip(tmp_path: Path, cfg) -> None:
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,13 +18,16 @@ import pandas as pd
 import pytest
 import torch
 
+from whaleid import train
 from whaleid.config import load_config
 from whaleid.distributed import Runtime
+from whaleid.embed import checkpoint_path
 from whaleid.embed import run as embed_run
 from whaleid.errors import UserError
-from whaleid.model import load_checkpoint
+from whaleid.model import load_checkpoint, read_checkpoint
 from whaleid.train import (
     METRIC_COLUMNS,
+    RUN_FILES,
     _epoch_line,
     imprint,
     make_splits,
@@ -148,6 +152,17 @@ def test_pseudo_labels_skipped_rows_are_printed_and_a_file_with_none_usable_stop
         read_pseudo_labels(cfg, catalogue, crops, ["id_0"])
 
 
+def test_pseudo_labels_with_numeric_looking_ids_match_the_label_encoder(tmp_path: Path) -> None:
+    catalogue = pd.DataFrame({"image": ["a.jpg", "b.jpg"], "split": "train", "label": [0, 1], "species_label": [1, 0]})
+    crops = pd.DataFrame({"image": ["0001.jpg", "0002.jpg"], "split": ["test", "test"]})
+    pseudo = tmp_path / "pseudo.csv"
+    pd.DataFrame({"image": ["0001.jpg", "0002.jpg"], "individual_id": ["0012", "0007"],
+                  "confidence": 0.9}).to_csv(pseudo, index=False)
+    rows, stats = read_pseudo_labels(tiny_cfg(tmp_path, f"train.pseudo_labels={pseudo}"), catalogue, crops, ["0012", "0007"])
+    assert rows[["image", "label", "species_label"]].values.tolist() == [["0001.jpg", 0, 1], ["0002.jpg", 1, 0]]
+    assert stats["unknown_ids"] == 0
+
+
 def test_resume_continues_epoch_count(trained: Path, tmp_path: Path) -> None:
     outputs = _copy(trained, tmp_path)
     assert json.loads((outputs / "02_train" / "report.json").read_text())["resumed_from_epoch"] == 0
@@ -199,6 +214,92 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(trained: Path, tmp_path: Path)
     with pytest.raises(UserError, match="NaN"):
         run(tiny_cfg(outputs, "train.epochs=2", "loss.s=.nan"), resume=True)
     assert (outputs / "02_train" / "last.pt").read_bytes() == before
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL of stage 02 at a chosen point."""
+
+
+def _check_best_pt_holds_what_last_pt_records(folder: Path) -> None:
+    """The best epoch that last.pt records (and --resume trusts) is in best.pt, or best.pt holds
+    the epoch after last.pt's, written just before a kill, which the resumed run redoes."""
+    last = read_checkpoint(folder / "last.pt") if (folder / "last.pt").exists() else None
+    if last is None or not math.isfinite(last["best_metric"]):  # no epoch validated yet
+        return
+    assert (folder / "best.pt").exists(), f"last.pt (epoch {last['epoch']}) records a best epoch; best.pt is missing"
+    best = read_checkpoint(folder / "best.pt")
+    if best["epoch"] <= last["epoch"]:
+        assert best["best_metric"] == last["best_metric"], (best["epoch"], last["epoch"])
+    else:
+        assert best["epoch"] == last["epoch"] + 1 and best["best_metric"] > last["best_metric"]
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 3])  # checkpoint files written first (epoch 1 writes 2, epoch 2 1 or 2)
+def test_a_kill_between_checkpoint_writes_leaves_best_pt_matching_last_pt(
+        kill_after: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = make_tiny_outputs(tmp_path / "outputs")
+    real_save, written = train.torch_save, []
+
+    def save(path: Path, obj: dict) -> None:
+        if len(written) == kill_after:
+            raise Killed(f"killed before writing {Path(path).name}")
+        real_save(path, obj)
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(train, "torch_save", save)
+    try:
+        run(tiny_cfg(outputs, "train.epochs=2", "train.val_every=1"))
+    except Killed:
+        pass
+    _check_best_pt_holds_what_last_pt_records(outputs / "02_train")
+
+
+def test_a_fresh_run_first_removes_the_earlier_runs_checkpoints_and_report(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = _copy(trained, tmp_path)
+    folder = outputs / "02_train"
+
+    def killed(*args: object) -> None:
+        raise Killed("killed in the first epoch")
+
+    monkeypatch.setattr(train, "train_epoch", killed)
+    with pytest.raises(Killed):
+        run(tiny_cfg(outputs, "train.epochs=2"), resume=True)
+    assert all((folder / name).exists() for name in RUN_FILES), "--resume keeps the run it continues"
+    with pytest.raises(Killed):
+        run(tiny_cfg(outputs))
+    assert not [name for name in RUN_FILES if (folder / name).exists()]
+    # so stage 03 stops, naming stage 02, instead of embedding with the earlier run's model
+    with pytest.raises(UserError, match="02_train_arcface.py"):
+        checkpoint_path(tiny_cfg(outputs))
+
+
+def test_an_epoch_draws_the_same_batches_resumed_or_not_and_whatever_the_workers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = make_tiny_outputs(tmp_path / "outputs")
+    seen: dict[int, list] = {}
+
+    def record(cfg, net, loader, optimizer, scheduler, rt, epoch: int) -> tuple[float, float]:
+        seen[epoch] = [(batch[0].clone(), batch[3].clone()) for batch in loader]  # augmented images, indices
+        return 1.0, 1.0
+
+    def epochs(*sets: str, resume: bool = False) -> dict[int, list]:
+        seen.clear()
+        run(tiny_cfg(outputs, "prepare.fold=-1", *sets), resume=resume)  # no fold: nothing to validate
+        return dict(seen)
+
+    def same(a: list, b: list) -> bool:
+        return len(a) == len(b) and all(torch.equal(x, y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+    monkeypatch.setattr(train, "train_epoch", record)
+    straight = epochs("train.epochs=2", "train.workers=2")
+    first = epochs("train.epochs=1", "train.workers=2")
+    resumed = epochs("train.epochs=2", "train.workers=2", resume=True)
+    in_process = epochs("train.epochs=2", "train.workers=0")
+    assert list(resumed) == [2]
+    assert same(first[1], straight[1]) and same(resumed[2], straight[2]), "a resumed run draws other batches"
+    assert same(in_process[1], straight[1]) and same(in_process[2], straight[2]), "the worker count changes the batches"
+    assert not same(straight[1], straight[2]), "each epoch draws its own order and augmentations"
 
 
 def _head_accuracy(model, heads, splits, size: int) -> float:

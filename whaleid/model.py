@@ -142,29 +142,36 @@ class EmbeddingModel(nn.Module):
         """Stop training the stem and the first `n` feature stages of the backbone; returns the
         names of the frozen parameters.
 
-        The stages are timm's `feature_info` (EfficientNet: blocks.0, blocks.1, blocks.2, blocks.4,
-        blocks.6), and the stem is every parameter registered before them. Backward then stops at
-        the first trainable layer, which skips the costliest part of it (the high-resolution early
-        maps): with n=2, Lite2 training steps at 160 px run 1.45x faster on 2 CPU cores (1.26x for
-        whole demo epochs, where the loader shares the cores). Their BatchNorm layers
-        still normalise with batch statistics in training mode and update their running means,
-        which adapts the frozen features to the photos: keeping them in eval mode as well
-        (detectron2's FrozenBN) scored lower on the demo (N=2, 40 epochs, folds 0-2: validation
-        MAP@5 0.879 against 0.892, test 0.801 against 0.839).
+        The stages are timm's `feature_info`, each named by the module whose output it is, the last
+        of the stage: EfficientNet's are blocks.0, blocks.1, blocks.2, blocks.4 and blocks.6, so its
+        stage 3 is blocks.3-4 (both at stride 16) and n=3 freezes blocks.0-2. The frozen part is
+        every parameter registered up to and including the module of stage n-1 (the stem being
+        whatever precedes stage 0). Backward then stops at the first trainable layer, which skips
+        the costliest part of it (the high-resolution early maps): with n=2, Lite2 training steps
+        at 160 px run 1.45x faster on 2 CPU cores (1.26x for whole demo epochs, where the loader
+        shares the cores). Their BatchNorm layers still normalise with batch statistics in training
+        mode and update their running means, which adapts the frozen features to the photos:
+        keeping them in eval mode as well (detectron2's FrozenBN) scored lower on the demo (N=2,
+        40 epochs, folds 0-2: validation MAP@5 0.879 against 0.892, test 0.801 against 0.839).
         """
         names = self.backbone.feature_info.module_name()
         if not 0 <= n < len(names):
             raise UserError(f"train.freeze_stages must be 0..{len(names) - 1} (this backbone has {len(names)} stages), got {n}")
         if n == 0:
             return []
-        params = list(self.backbone.named_parameters())
-        # everything registered before the first parameter of stage n (a stage's named module can
-        # hold no parameters of its own, as ResNet's stage 0, `act1`)
-        later = tuple(name + "." for name in names[n:])
-        end = next(i for i, (name, _) in enumerate(params) if name.startswith(later))
-        for _, p in params[:end]:
-            p.requires_grad_(False)
-        return [name for name, _ in params[:end]]
+        # named_modules() lists each module before its children, in registration order: a parameter is
+        # frozen if its module comes no later than stage n-1's module (which may hold no parameters
+        # of its own, as ResNet's stage 0, `act1`) or lies inside it. timm's FeatureListNet flattens
+        # a nested name (ConvNeXt: stages.0 -> stages_0).
+        order = {name: i for i, (name, _) in enumerate(self.backbone.named_modules())}
+        last = names[n - 1] if names[n - 1] in order else names[n - 1].replace(".", "_")
+        frozen = []
+        for name, p in self.backbone.named_parameters():
+            module = name.rpartition(".")[0]
+            if order[module] <= order[last] or module.startswith(last + "."):
+                p.requires_grad_(False)
+                frozen.append(name)
+        return frozen
 
 
 def build_model(cfg: Config, pretrained: bool = True) -> EmbeddingModel:

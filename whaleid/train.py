@@ -24,6 +24,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from whaleid import knn
@@ -63,6 +64,8 @@ from whaleid.model import EmbeddingModel, build_model, read_checkpoint
 CATALOGUE_COLUMNS = ("image", "split", "species", "individual_id", "label", "species_label", "fold", "fold_new")
 CROPS_COLUMNS = ("image", "split", "source", "crop_path")
 PSEUDO_COLUMNS = ("image", "individual_id", "confidence")
+# Read as text whatever they look like: ids such as "0012" would otherwise become the integer 12.
+TEXT_COLUMNS = ("image", "split", "species", "individual_id", "source", "crop_path")
 METRIC_COLUMNS = (
     "epoch", "train_loss", "lr", "map5", "map5_known", "map5_new", "threshold", "images_per_s", "seconds",
 )
@@ -86,28 +89,73 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_epoch(loader: DataLoader, transform: Any, seed: int, epoch: int) -> None:
-    """Reseed the shuffle and the (in-process) augmentations from (seed, epoch) alone, so an epoch
-    draws the same batches whether or not the run was resumed from last.pt before it."""
-    loader.generator.manual_seed(seed + 1000 * epoch)
-    transform.set_random_seed(seed + 1000 * epoch)
+def _mix(*keys: int) -> int:
+    """A 32-bit seed from several integers (NumPy's SeedSequence: nearby keys give unrelated streams)."""
+    return int(np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(1)[0])
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Each epoch's training order, and a seed for each sample's augmentations, from (seed, epoch) alone.
+
+    Yields (index, sample seed) pairs for `SeededCrops`. The order is a permutation drawn from
+    (seed, epoch) (under DDP, the DistributedSampler's own (seed, epoch) shard), and a sample's
+    augmentations from (seed, epoch, index), whichever process loads it. So an epoch draws the same
+    batches and the same augmented images whatever `train.workers` is and whether or not the run
+    was resumed before it. Reseeding the loader's generator and the transform per epoch did not do
+    that: the loader draws its workers' base seed from that generator only on a process's first
+    epoch, and persistent workers keep the transform they were seeded with at their start.
+    """
+
+    def __init__(self, n: int, seed: int, shard: DistributedSampler | None = None) -> None:
+        self.n, self.seed, self.shard, self.epoch = n, seed, shard, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.shard is not None:
+            self.shard.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.shard) if self.shard is not None else self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shard is not None:
+            order = list(self.shard)
+        else:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))).tolist()
+        for index in order:
+            yield index, _mix(self.seed, self.epoch, index)
+
+
+class SeededCrops(Dataset):
+    """Training crops addressed by `EpochSampler`'s (index, seed) pairs: the transform is reseeded
+    for each sample (0.1 ms on the CPU, against 2 ms for the default augmentations of a 160 px crop)."""
+
+    def __init__(self, crops: CropDataset) -> None:
+        self.crops = crops
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
+        index, seed = item
+        if self.crops.transform is not None:
+            self.crops.transform.set_random_seed(seed)
+        return self.crops[index]
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Give each loader worker its own stream (torch's per-worker seed) for NumPy and albumentations."""
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32
+    """Seed each loader worker's global NumPy and Python streams (torch's per-worker seed), for any
+    code that draws from them; the augmentations have their own per-sample seed (`SeededCrops`)."""
+    seed = torch.utils.data.get_worker_info().seed % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    if info.dataset.transform is not None:
-        info.dataset.transform.set_random_seed(seed)
 
 
 # ---------------------------------------------------------------- inputs
 
 def _read_csv(path: Path, columns: tuple[str, ...], made_by: str) -> pd.DataFrame:
-    """A CSV with its required columns checked; missing file -> which stage to run."""
-    df = pd.read_csv(require(path, made_by), keep_default_na=False, dtype={"image": str})
+    """A CSV with its required columns checked (`TEXT_COLUMNS` read as text); missing file -> which stage to run."""
+    df = pd.read_csv(require(path, made_by), keep_default_na=False, dtype=dict.fromkeys(TEXT_COLUMNS, str))
     lacking = [c for c in columns if c not in df.columns]
     if lacking:
         raise UserError(f"{path} lacks columns {lacking}; rerun {made_by}")
@@ -267,17 +315,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_loader(cfg: Config, dataset: CropDataset, rt: Runtime) -> tuple[DataLoader, DistributedSampler | None]:
-    """Shuffled, drop-last batches (BatchNorm needs > 1 sample); a DistributedSampler under DDP."""
+def train_loader(cfg: Config, dataset: CropDataset, rt: Runtime) -> tuple[DataLoader, EpochSampler]:
+    """Shuffled, drop-last batches (BatchNorm needs > 1 sample), a DistributedSampler shard under
+    DDP; call the sampler's `set_epoch` before each epoch."""
     t = cfg.train
     per_rank = len(dataset) // rt.world
     batch = min(t.batch_size, per_rank)
     if batch < 2:
         raise UserError(f"{len(dataset)} training crops over {rt.world} processes is too few for a batch of 2")
-    sampler = DistributedSampler(dataset, rt.world, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True) if rt.world > 1 else None
+    shard = DistributedSampler(dataset, rt.world, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True) if rt.world > 1 else None
+    sampler = EpochSampler(len(dataset), cfg.seed, shard)
     cuda = rt.device.type == "cuda"
     loader = DataLoader(
-        dataset, batch_size=batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        SeededCrops(dataset), batch_size=batch, sampler=sampler, drop_last=True,
         num_workers=t.workers, pin_memory=cuda, persistent_workers=t.workers > 0,
         worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(cfg.seed + rt.rank),
     )
@@ -481,6 +531,7 @@ def _load_history(out: Path, upto: int) -> list[dict]:
 # ---------------------------------------------------------------- the stage
 
 REFIT_DIR = "refit"
+RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "curves.png", "report.json")
 
 
 def refit_active(cfg: Config) -> bool:
@@ -547,10 +598,11 @@ def _run(cfg: Config, resume: bool, rt: Runtime, out: Path) -> Path:
     catalogue, crops, encoders = read_inputs(cfg)
     splits = make_splits(cfg, catalogue, crops, encoders)
     tf = train_transform(cfg.train.image_size, cfg.train.aug)
-    tf.set_random_seed(cfg.seed + rt.rank)
     dataset = CropDataset(splits.train["crop_path"], splits.train["label"], splits.train["species_label"], tf)
     loader, sampler = train_loader(cfg, dataset, rt)
     model, heads, net = prepare_model(cfg, rt, splits, encoders)
+    if rt.main and not resume:
+        _remove_earlier_run(out)
     imprinted = None
     if cfg.train.imprint and not resume:
         imprinted = imprint(cfg, model, heads, splits, rt)
@@ -568,9 +620,7 @@ def _run(cfg: Config, resume: bool, rt: Runtime, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         write_resolved_config(cfg, out)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        seed_epoch(loader, tf, cfg.seed + rt.rank, epoch)
+        sampler.set_epoch(epoch)
         e0 = time.perf_counter()
         loss, ips = train_epoch(cfg, net, loader, optimizer, scheduler, rt, epoch)
         due = epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs
@@ -613,13 +663,26 @@ def _resume(
     return epoch, float(ckpt["best_metric"]), float(ckpt["threshold"]), _load_history(out, epoch)
 
 
+def _remove_earlier_run(out: Path) -> None:
+    """Delete what an earlier run left in `out` (its checkpoints, metrics and report) before a
+    fresh one: stopped before its first checkpoint, the new run would otherwise leave the old
+    best.pt/last.pt for stage 03 to embed with, and the old report.json for it to check them by."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def _write_epoch(out: Path, history: list[dict], ckpt: dict, improved: bool) -> None:
-    """metrics.csv and curves first, then last.pt (and best.pt): a kill in between redoes the epoch."""
+    """metrics.csv and curves, then best.pt (if improved), then last.pt: a kill in between redoes the epoch.
+
+    best.pt goes first because last.pt records the best metric and is what --resume trusts:
+    written first, a kill before best.pt would leave a best.pt older than that record (or none),
+    which the resumed run would not rewrite unless it beat the record.
+    """
     write_csv(out / "metrics.csv", pd.DataFrame(history, columns=list(METRIC_COLUMNS)))
     plot_curves(history, out / "curves.png")
-    torch_save(out / "last.pt", ckpt)
     if improved:
         torch_save(out / "best.pt", ckpt)
+    torch_save(out / "last.pt", ckpt)
 
 
 def _epoch_line(row: dict) -> str:
