@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import whaleid
-from whaleid import catalogue
+from whaleid import catalogue, images
 from whaleid.catalogue import (
     CATALOGUE_DTYPES,
     SPECIES_FIXES,
@@ -361,3 +361,17 @@ def test_load_catalogue_before_stage_00(tmp_path: Path, data: Path) -> None:
     with pytest.raises(UserError, match="run 00_prepare_data.py first"):
         load_encoders(cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("check_decode", [True, False])
+def test_a_photo_above_the_pixel_limit_is_refused_with_or_without_the_decode_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, check_decode: bool) -> None:
+    """The header-only probe (prepare.check_decode: false) refuses what a decode would refuse,
+    so a photo above MAX_PIXELS never reaches a stage that decodes it."""
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), np.zeros((20, 30, 3), np.uint8))
+    monkeypatch.setattr(images, "MAX_PIXELS", 30 * 20 - 1)
+    (w, h, reason), = probe_images([str(path)], check_decode=check_decode, workers=1)
+    assert (w, h) == (0, 0) and reason.startswith("image too large") and "big.png" in reason
+    monkeypatch.setattr(images, "MAX_PIXELS", 30 * 20)
+    assert probe_images([str(path)], check_decode=check_decode, workers=1) == [(30, 20, "")]

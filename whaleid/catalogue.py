@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from whaleid import images
 from whaleid.config import Config
 from whaleid.errors import UserError
 from whaleid.images import image_size, read_image
@@ -189,10 +190,14 @@ def _probe_decode(path: str) -> tuple[int, int, str]:
 
 
 def _probe_header(path: str) -> tuple[int, int, str]:
-    """(width, height, "") from the image header only, or (0, 0, reason)."""
+    """(width, height, "") from the image header only, or (0, 0, reason); a photo above
+    `images.MAX_PIXELS` is refused here too, as a decode would refuse it."""
     size = image_size(path)
     if size is None:
         return 0, 0, "not a readable image (header)"
+    if size[0] * size[1] > images.MAX_PIXELS:
+        return 0, 0, (f"image too large: {Path(path).name} is {size[0]} x {size[1]} pixels, above the "
+                      f"{images.MAX_PIXELS:,} pixel limit (decompression bomb)")
     return size[0], size[1], ""
 
 
