@@ -70,7 +70,7 @@ def test_killed_stage_01_leaves_whole_files_and_the_rerun_only_finishes_it(tmp_p
     made = [p for p in (out / "fullbody" / "train").iterdir() if not p.name.startswith(".")]
     assert 10 <= len(made) < len(cat)
     assert all(read_image(p)[1] == "" for p in made)  # every crop file in place is whole
-    logged = detect.read_journal(journal)
+    logged, _ = detect.replay_journal(journal)
     assert len(logged) >= 10 and set(logged["crop_path"]) <= {str(p.resolve()) for p in made}
     mtimes = {p: os.stat(p).st_mtime_ns for p in logged["crop_path"]}
 

@@ -260,7 +260,7 @@ def test_pseudo_labels_use_the_knn_cosine_and_skip_new_individual_first() -> Non
     the submission's first individual, and a row with new_individual first is never pseudo-labelled."""
     r = _ranking([[3, 1], [2, 0], [1, 2]], [[0.85, 0.5], [0.95, 0.4], [0.9, 0.3]], [[0, 1]] * 3, [0, 1])
     pred = np.array([[1, 3, 0, 2, 4], [knn.NEW_LABEL, 2, 0, 1, 3], [1, knn.NEW_LABEL, 2, 0, 3]])
-    first = np.where(pred[:, 0] >= 0, pred[:, 0], -1)  # as stage 04 does
+    first = pred[:, 0]  # as stage 04 does (in sample order: result.codes[:, 0])
     conf = submit.knn_scores_of(r, first)
     np.testing.assert_allclose(conf, [0.5, -np.inf, 0.9])
     out = submit.pseudo_labels(list(r.images), first, conf, ["a", "b", "c", "d", "e"], 0.8)

@@ -251,11 +251,6 @@ def replay_journal(path: Path) -> tuple[pd.DataFrame, set[tuple[str, str, str]]]
     return _with_photo(logged), redone
 
 
-def read_journal(path: Path) -> pd.DataFrame:
-    """The rows of a crop journal still valid (replay_journal without the redone set)."""
-    return replay_journal(path)[0]
-
-
 class CropJournal:
     """Append-only log of the crops finished by this run, so a killed run's work is reused.
 

@@ -469,12 +469,11 @@ class SubmissionResult:
     submission: pd.DataFrame
     codes: np.ndarray  # (n_sample, 5) label codes in sample order; fallback rows included
     ranked: np.ndarray  # (n_sample,) bool: the image had embeddings (False = fallback row)
-    top1: np.ndarray  # (n_sample,) best non-new score (nan for fallback rows)
 
 
 def build_submission(
-    sample_images: list[str], ranked_images: np.ndarray, pred_codes: np.ndarray, top1: np.ndarray,
-    id_names: list[str], frequent: np.ndarray,
+    sample_images: list[str], ranked_images: np.ndarray, pred_codes: np.ndarray, id_names: list[str],
+    frequent: np.ndarray,
 ) -> SubmissionResult:
     """Submission rows in sample order; images without embeddings get new_individual followed by
     the most frequent train ids (documented fallback)."""
@@ -484,16 +483,14 @@ def build_submission(
     codes = np.tile(fallback, (len(sample_images), 1)).astype(np.int64)
     rows = pos.loc[np.asarray(sample_images, dtype=object)[found]].to_numpy()
     codes[found] = knn.fill_missing(pred_codes[rows], frequent)
-    scores = np.full(len(sample_images), np.nan)
-    scores[found] = top1[rows]
     preds = [" ".join(ids) for ids in to_ids(codes, id_names)]
-    return SubmissionResult(pd.DataFrame({"image": sample_images, "predictions": preds}), codes, found, scores)
+    return SubmissionResult(pd.DataFrame({"image": sample_images, "predictions": preds}), codes, found)
 
 
 def pseudo_labels(images: list[str], codes: np.ndarray, scores: np.ndarray, id_names: list[str],
                   min_conf: float) -> pd.DataFrame:
-    """Test images whose submission puts a known individual `codes` first (-1: new_individual or no
-    embedding) with a kNN cosine `scores` of at least `min_conf`."""
+    """Test images whose submission row puts a known individual `codes` first (a negative code:
+    new_individual) with a kNN cosine `scores` of at least `min_conf`."""
     keep = np.isfinite(scores) & (scores >= min_conf) & (codes >= 0)
     return pd.DataFrame({
         "image": np.asarray(images, dtype=object)[keep],
@@ -740,7 +737,7 @@ def run(cfg: Config) -> Path:
     test_thresholds = threshold.for_queries(_predicted_species(labels, label_species))
     pred = knn.insert_new(labels, scores, test_thresholds)
     sample = _sample_images(cfg)
-    result = build_submission(sample, test_rank.images, pred, scores[:, 0], id_names, frequent)
+    result = build_submission(sample, test_rank.images, pred, id_names, frequent)
     validate_submission(result.submission, sample, set(id_names))
     answers = read_answers(cfg)
     test_metrics = score_test(result.submission, answers)
@@ -751,10 +748,8 @@ def run(cfg: Config) -> Path:
     write_resolved_config(cfg, out)
     # Pseudo-labels: the submission's first id when it is a known individual, scored by its kNN
     # cosine (blended and re-ranked scores are on other scales than knn.pseudo_conf).
-    first = np.where(pred[:, 0] >= 0, pred[:, 0], -1)
-    pseudo = pseudo_labels(sample, _in_sample_order(test_rank.images, first, sample, -1),
-                           _in_sample_order(test_rank.images, knn_scores_of(test_rank, first), sample, np.nan),
-                           id_names, cfg.knn.pseudo_conf)
+    pseudo = pseudo_labels(sample, result.codes[:, 0], _in_sample_order(test_rank.images, knn_scores_of(
+        test_rank, pred[:, 0]), sample), id_names, cfg.knn.pseudo_conf)
     write_csv(out / "pseudo_labels.csv", pseudo)
     metrics["counts"] = _counts(sample, result, test_rank, len(pseudo), len(emb.train), val)
     metrics["logit_blend"] = blend_note
@@ -782,13 +777,13 @@ def run(cfg: Config) -> Path:
     return path
 
 
-def _in_sample_order(ranked_images: np.ndarray, values: np.ndarray, sample: list[str], fill: float) -> np.ndarray:
-    """Per sample image, its value among the ranked images' `values` (`fill` for images without
+def _in_sample_order(ranked_images: np.ndarray, values: np.ndarray, sample: list[str]) -> np.ndarray:
+    """Per sample image, its value among the ranked images' `values` (NaN for images without
     embeddings)."""
     pos = pd.Series(np.arange(len(ranked_images)), index=ranked_images, dtype=np.int64)
     names = np.asarray(sample, dtype=object)
     found = np.isin(names, ranked_images)
-    out = np.full(len(sample), fill, dtype=np.asarray(values).dtype if np.isfinite(fill) else np.float64)
+    out = np.full(len(sample), np.nan)
     out[found] = values[pos.loc[names[found]].to_numpy()]
     return out
 
