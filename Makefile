@@ -1,5 +1,6 @@
 # whaleid: `make submission` runs the whole pipeline (demo data when no competition data),
-# `make test` runs lint and tests. Both create .venv and install requirements.txt first.
+# `make test` runs lint and tests. Both create .venv and install requirements.txt first, at the
+# tested versions of constraints.txt.
 # Options: CONFIG=overlay.yaml (deep-merged over config.yaml), SET="train.epochs=3 knn.k=100",
 #          OUT=outputs (artifact folder), PYTHON=python3 (to create the venv).
 
@@ -25,13 +26,13 @@ SUBMISSION := $(OUT)/submission.csv
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	touch $@
 
-venv: $(VENV)/.installed  ## create .venv and install requirements.txt
+venv: $(VENV)/.installed  ## create .venv and install requirements.txt (versions of constraints.txt)
 
 submission: $(SUBMISSION)  ## run stages 00-04 (only out-of-date ones) and write outputs/submission.csv
 
