@@ -685,6 +685,68 @@ def _counts(sample: list[str], result: SubmissionResult, test_rank: Ranking, n_p
     }
 
 
+@dataclass
+class Ranked:
+    """Stage 04's rankings before new_individual is inserted: the validation fold's (None without
+    one), the test images' kNN ranking, and their final candidates after the logit blend and the
+    local-feature re-ranking (with each candidate's inlier count when re-ranked)."""
+
+    val: dict | None
+    test: Ranking
+    labels: np.ndarray
+    scores: np.ndarray
+    inliers: np.ndarray | None
+    notes: dict  # what the blend and the re-ranking did, for metrics.json
+
+    @property
+    def rescored(self) -> bool:
+        """Whether re-ranking changed the scores' scale (a weight above 0 was chosen)."""
+        return isinstance(self.notes["rerank"], dict) and self.notes["rerank"]["weight"] > 0
+
+
+def rank_all(cfg: Config, emb: Embeddings, catalogue: pd.DataFrame, rows: pd.DataFrame,
+             label_species: np.ndarray) -> Ranked:
+    """Validation fold and test images ranked the same way: kNN, then the optional logit blend,
+    then the optional re-ranking (whose weight the validation fold chooses)."""
+    candidates = cfg.rerank.candidates if cfg.rerank.enabled else 5
+    top = max(BLEND_CANDIDATES if cfg.knn.logit_weight > 0 else 5, candidates)
+    if emb.fold_train is not None:  # train.refit: validate with the model that did not train on the fold
+        val = validation_ranking(cfg, emb.fold_train, _train_lookup(catalogue, emb.fold_train_index["image"],
+                                                                    "fold_train_index.csv"), label_species, top)
+    else:
+        val = validation_ranking(cfg, emb.train, rows, label_species, top)
+    val_blend_note = _blend_validation(cfg, emb, val, candidates, label_species)
+    test_rank = rank(emb.train, rows["label"].to_numpy(), np.arange(len(emb.train)), emb.test,
+                     emb.test_index["image"].to_numpy(), cfg, top)
+    labels, scores, blend_note = _blend(cfg, emb.logits, test_rank, "test_logits.npz", candidates)
+    rerank_note: dict | str = "off (rerank.enabled = false)"
+    inliers = None
+    if cfg.rerank.enabled:
+        labels, scores, inliers, rerank_note = rerank_rankings(
+            cfg, catalogue, emb, rows, val, test_rank.images, labels[:, :candidates], scores[:, :candidates])
+        if val is not None:  # the top-1 individual may have changed, and with it its species
+            val["species"] = _predicted_species(val["labels"], label_species)
+    notes = {"logit_blend": blend_note, "logit_blend_validation": val_blend_note, "rerank": rerank_note}
+    return Ranked(val, test_rank, labels, scores, inliers, notes)
+
+
+def _provenance(cfg: Config, embed_dir: Path, stale: list) -> dict:
+    """What this submission was made from: input fingerprints, file records, stale inputs."""
+    embeddings = sorted(embed_dir.glob("*_emb.npy")) + sorted(embed_dir.glob("*_index.csv"))
+    prepared = Path(cfg.paths.outputs) / STAGE_DIRS["prepare"]
+    return {
+        "fingerprints": {
+            "inputs": fingerprint_files(embeddings),
+            "config": fingerprint_config({"knn": cfg.knn.to_dict(), "rerank": cfg.rerank.to_dict(),
+                                          "fold": cfg.prepare.fold}),
+        },
+        "input_files": stage_inputs_record([
+            *embeddings, prepared / "catalogue.csv", prepared / "label_encoders.json",
+            resolve_data_dir(cfg) / "sample_submission.csv"], cfg.paths.outputs),
+        "stale_inputs": stale,
+    }
+
+
 def run(cfg: Config) -> Path:
     """Stage 04: validate on the fold, rank the test images, write submission.csv and the rest.
 
@@ -701,32 +763,13 @@ def run(cfg: Config) -> Path:
     encoders = load_encoders(cfg)
     id_names = encoders["individual_id"]
     rows = _train_lookup(catalogue, emb.train_index["image"], "train_index.csv")
-    train_labels = rows["label"].to_numpy()
     train_cat = catalogue[catalogue["split"] == "train"]
     label_species = _species_of_labels(train_cat, len(id_names))
     frequent = train_cat["label"].value_counts(sort=True).index.to_numpy()
 
-    candidates = cfg.rerank.candidates if cfg.rerank.enabled else 5
-    top = max(BLEND_CANDIDATES if cfg.knn.logit_weight > 0 else 5, candidates)
-    if emb.fold_train is not None:  # train.refit: validate with the model that did not train on the fold
-        val = validation_ranking(cfg, emb.fold_train, _train_lookup(catalogue, emb.fold_train_index["image"],
-                                                                    "fold_train_index.csv"), label_species, top)
-    else:
-        val = validation_ranking(cfg, emb.train, rows, label_species, top)
-    val_blend_note = _blend_validation(cfg, emb, val, candidates, label_species)
-    test_rank = rank(emb.train, train_labels, np.arange(len(emb.train)), emb.test,
-                     emb.test_index["image"].to_numpy(), cfg, top)
-    labels, scores, blend_note = _blend(cfg, emb.logits, test_rank, "test_logits.npz", candidates)
-    rerank_note: dict | str = "off (rerank.enabled = false)"
-    inliers = None
-    if cfg.rerank.enabled:
-        labels, scores, inliers, rerank_note = rerank_rankings(cfg, catalogue, emb, rows, val, test_rank.images,
-                                                      labels[:, :candidates], scores[:, :candidates])
-        if val is not None:  # the top-1 individual may have changed, and with it its species
-            val["species"] = _predicted_species(val["labels"], label_species)
-    rescored = isinstance(rerank_note, dict) and rerank_note["weight"] > 0
-    threshold = choose_threshold(cfg, val, scores[:, 0], emb.report, rescored)
-
+    ranked = rank_all(cfg, emb, catalogue, rows, label_species)
+    val, test_rank, labels, scores = ranked.val, ranked.test, ranked.labels, ranked.scores
+    threshold = choose_threshold(cfg, val, scores[:, 0], emb.report, ranked.rescored)
     metrics: dict = {"threshold": {"value": threshold.value, "how": threshold.how, "mode": cfg.knn.new_mode}}
     if threshold.per_species:
         metrics["threshold"]["per_species"] = {
@@ -752,22 +795,11 @@ def run(cfg: Config) -> Path:
         test_rank, pred[:, 0]), sample), id_names, cfg.knn.pseudo_conf)
     write_csv(out / "pseudo_labels.csv", pseudo)
     metrics["counts"] = _counts(sample, result, test_rank, len(pseudo), len(emb.train), val)
-    metrics["logit_blend"] = blend_note
-    metrics["logit_blend_validation"] = val_blend_note
-    metrics["rerank"] = rerank_note
-    metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val, (test_rank, pred, labels, scores, inliers, test_thresholds),
+    metrics.update(ranked.notes)
+    metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val,
+                                             (test_rank, pred, labels, scores, ranked.inliers, test_thresholds),
                                              threshold, answers, id_names)
-    metrics["fingerprints"] = {
-        "inputs": fingerprint_files(sorted(embed_dir.glob("*_emb.npy")) + sorted(embed_dir.glob("*_index.csv"))),
-        "config": fingerprint_config({"knn": cfg.knn.to_dict(), "rerank": cfg.rerank.to_dict(),
-                                      "fold": cfg.prepare.fold}),
-    }
-    prepared = Path(cfg.paths.outputs) / STAGE_DIRS["prepare"]
-    metrics["input_files"] = stage_inputs_record([
-        *sorted(embed_dir.glob("*_emb.npy")), *sorted(embed_dir.glob("*_index.csv")),
-        prepared / "catalogue.csv", prepared / "label_encoders.json", resolve_data_dir(cfg) / "sample_submission.csv"],
-        cfg.paths.outputs)
-    metrics["stale_inputs"] = stale
+    metrics.update(_provenance(cfg, embed_dir, stale))
     metrics["seconds"] = round(time.time() - start, 2)
     write_json(out / "metrics.json", metrics)
     path = Path(cfg.paths.outputs) / "submission.csv"
