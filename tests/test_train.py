@@ -397,7 +397,9 @@ torch.distributed.destroy_process_group()
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     outputs = make_tiny_outputs(tmp_path / "outputs")
-    sets = [f"paths.outputs={outputs}", *TINY_SETS, "device=cpu", "train.batch_size=4", "train.refit=true"]
+    # train.amp=false: float32 validation passes, so one process can repeat them to the last digits
+    sets = [f"paths.outputs={outputs}", *TINY_SETS, "device=cpu", "train.batch_size=4", "train.refit=true",
+            "train.amp=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(ROOT / "02_train_arcface.py")]
     for s in sets:
@@ -420,6 +422,15 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     assert metrics["epoch"].tolist() == [1]
     report = json.loads((outputs / "02_train" / "report.json").read_text())
     assert report["world_size"] == 2
+    # Validation in the group embedded each rank's shard with rank 0's BatchNorm statistics, so
+    # validating the saved model in one process gives the same figures (each rank's own statistics,
+    # updated by its last batch, had moved the threshold).
+    cfg = load_config(sets=sets)
+    model, _, _ = load_checkpoint(outputs / "02_train" / "best.pt")
+    catalogue, crops, encoders = train.read_inputs(cfg)
+    alone = train.validate(cfg, model, train.make_splits(cfg, catalogue, crops, encoders), Runtime(0, 1, torch.device("cpu")))
+    assert alone["threshold"] == pytest.approx(metrics["threshold"].iloc[-1], abs=1e-5)
+    assert alone["map5"] == pytest.approx(metrics["map5"].iloc[-1], abs=1e-9)
     refit = json.loads((outputs / "02_train" / "refit" / "report.json").read_text())  # the refit in the same group
     assert refit["world_size"] == 2 and refit["fold"] == -1 and refit["train_samples"] == (N_IDS + NEW_IDS) * PER_ID
     # stage 03 in a group of 3 (shards of 10, 9 and 9 crops): rank 0 gathers the same files as one process

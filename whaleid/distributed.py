@@ -50,6 +50,18 @@ def all_reduce(value: torch.Tensor, rt: Runtime, op: dist.ReduceOp = dist.Reduce
     return value
 
 
+def sync_buffers(model: torch.nn.Module, rt: Runtime) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), in place.
+
+    DDP broadcasts them only at the start of each training forward, so after an epoch's last step
+    each rank holds statistics updated by its own batch. An eval-mode pass sharded over the ranks
+    (validation) would then embed each shard with a different model, none of them exactly the one
+    rank 0 saves."""
+    if rt.world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_shards(rt: Runtime, n: int, idx: np.ndarray, part: np.ndarray) -> np.ndarray:
     """The (n, ...) float32 rows every rank computed for its strided shard `idx` (rank, rank +
     world, ...), put back in order on every rank; `part` itself in a single process."""

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from whaleid import knn
 from whaleid.config import Config, config_from_dict, deep_merge
 from whaleid.dataset import CropDataset, eval_transform, train_transform
-from whaleid.distributed import Runtime, all_reduce, embed_sharded, init_runtime
+from whaleid.distributed import Runtime, all_reduce, embed_sharded, init_runtime, sync_buffers
 from whaleid.errors import UserError
 from whaleid.io import (
     STAGE_DIRS,
@@ -410,6 +410,7 @@ def validate(cfg: Config, model: EmbeddingModel, splits: Splits, rt: Runtime) ->
     """MAP@5 overall/known/new and the calibrated new_individual threshold on the validation fold."""
     if splits.queries.empty:
         return NO_VALIDATION
+    sync_buffers(model, rt)  # embed every shard with the model rank 0 saves
     tf = eval_transform(cfg.train.image_size)
     gallery = _embed_fold(cfg, model, CropDataset(splits.gallery["crop_path"], transform=tf), rt, "val gallery")
     queries = _embed_fold(cfg, model, CropDataset(splits.queries["crop_path"], transform=tf), rt, "val queries")
