@@ -189,6 +189,24 @@ def test_detector_without_boxes_is_a_user_error(tmp_path):
         detector.ensure(make_cfg(tmp_path), cat, tmp_path / "detector.pt")
 
 
+def test_stage_without_training_boxes_crops_with_the_fallback_and_says_so(tmp_path, capsys):
+    # the competition's own data folder: no boxes.csv, crop.detector.train_boxes empty (the defaults)
+    cat, _ = write_set(tmp_path / "photos", 4, 2)
+    cfg = make_cfg(tmp_path, "crop.image_size=48")
+    assert cfg.crop.box_source.fullbody == "detector" and cfg.crop.detector.train_boxes == ""
+    write_catalogue(cfg, cat)
+    detect.run(cfg)
+    assert "uses the training-free fallback" in capsys.readouterr().out
+    crops = detect.load_crops(cfg)
+    assert len(crops) == 6 and set(crops["method"]) == {"fallback"}
+    report = detect.read_json(Path(cfg.paths.outputs) / "01_crops" / "report.json")
+    info = report["sources"]["fullbody"]
+    assert info["method"] == "fallback" and info["requested"] == "detector" and "boxes.csv" in info["note"]
+    # a box file the user names is never replaced: a missing one is an error
+    with pytest.raises(UserError, match="does not exist"):
+        detect.run(make_cfg(tmp_path, "crop.image_size=48", f"crop.detector.train_boxes={tmp_path / 'gone.csv'}"))
+
+
 # --- the stage -----------------------------------------------------------------------------
 
 def test_stage_end_to_end_and_rerun_skips(tmp_path, capsys):

@@ -92,6 +92,29 @@ def check_sources(cfg: Config) -> dict[str, str]:
     return methods
 
 
+def detector_or_fallback(cfg: Config, cat: pd.DataFrame, methods: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The built-in detector learns from boxes of train images. Where the data folder has no
+    `boxes.csv` with any and `crop.detector.train_boxes` names no file (the competition's own
+    download has no boxes), its crop set uses the training-free fallback instead, with a printed
+    note, rather than stopping: (methods, {crop set: note}). A named box file is always used."""
+    if "detector" not in methods.values() or cfg.crop.detector.train_boxes:
+        return methods, {}
+    from whaleid import detector  # torch and timm load only when a set needs the detector
+    from whaleid.catalogue import resolve_data_dir
+
+    if not detector.training_boxes(cfg, cat)[0].empty:
+        return methods, {}
+    notes = {}
+    for source, method in methods.items():
+        if method == "detector":
+            methods = methods | {source: "fallback"}
+            notes[source] = (f"no training boxes for the built-in detector ({resolve_data_dir(cfg) / 'boxes.csv'} "
+                             f"holds none for train images, and crop.detector.train_boxes is empty): crop set "
+                             f"{source} uses the training-free fallback (README: 'Boxes on the real data')")
+            print(f"note: {notes[source]}")
+    return methods, notes
+
+
 def _check_crop_config(cfg: Config) -> None:
     """Reject settings of the `crop` section that make no sense, naming the key, before any work
     (they would fail inside the workers, or after the detector trained, with a traceback)."""
@@ -303,7 +326,7 @@ def run(cfg: Config) -> Path:
     out = stage_dir(cfg, "crop")
     stale = check_fresh(Path(cfg.paths.outputs) / "00_prepare" / "report.json", "00_prepare_data.py")
     cat = read_catalogue(cfg)
-    methods = check_sources(cfg)
+    methods, substituted = detector_or_fallback(cfg, cat, check_sources(cfg))
     cat["crop_name"] = crop_names(cat)
     previous = load_previous(out)
     timing = {"detector_s": 0.0}
@@ -312,7 +335,8 @@ def run(cfg: Config) -> Path:
         reused, todo, info, summary = _plan_source(cfg, out, cat, source, method, previous, timing)
         kept.append(reused)
         tasks += todo
-        sources_report[source] = info
+        sources_report[source] = info | ({"requested": "detector", "note": substituted[source]}
+                                         if source in substituted else {})
         det_summary = summary or det_summary
     t0 = time.perf_counter()
     journal = CropJournal(out / JOURNAL_NAME, {s: i["recipe"] for s, i in sources_report.items()}, crop_settings(cfg),
