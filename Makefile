@@ -16,8 +16,9 @@ PKG    := $(wildcard whaleid/*.py)
 
 CATALOGUE  := $(OUT)/00_prepare/catalogue.csv
 CROPS      := $(OUT)/01_crops/crops.csv
-CHECKPOINT := $(OUT)/02_train/best.pt
-EMBEDDINGS := $(OUT)/03_embed/test_emb.npy
+# Each target is the file its stage writes last, so a stage that was killed runs again.
+CHECKPOINT := $(OUT)/02_train/report.json
+EMBEDDINGS := $(OUT)/03_embed/report.json
 SUBMISSION := $(OUT)/submission.csv
 
 .PHONY: help venv submission demo-data prepare crop train embed knn test test-fast lint bench \

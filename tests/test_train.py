@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from whaleid import embed as embed_module
 from whaleid import train
 from whaleid.config import load_config
 from whaleid.distributed import Runtime
@@ -25,6 +26,7 @@ from whaleid.embed import checkpoint_path
 from whaleid.embed import run as embed_run
 from whaleid.errors import UserError
 from whaleid.model import load_checkpoint, read_checkpoint
+from whaleid.submit import load_embeddings
 from whaleid.train import (
     METRIC_COLUMNS,
     RUN_FILES,
@@ -265,13 +267,50 @@ def test_a_fresh_run_first_removes_the_earlier_runs_checkpoints_and_report(
     monkeypatch.setattr(train, "train_epoch", killed)
     with pytest.raises(Killed):
         run(tiny_cfg(outputs, "train.epochs=2"), resume=True)
-    assert all((folder / name).exists() for name in RUN_FILES), "--resume keeps the run it continues"
+    assert all((folder / name).exists() for name in RUN_FILES if name != "report.json"), "--resume keeps the run"
+    # but not its report.json: until the resumed run ends, its checkpoints are not a finished run's
+    assert not (folder / "report.json").exists()
+    with pytest.raises(UserError, match="did not finish"):
+        checkpoint_path(tiny_cfg(outputs))
     with pytest.raises(Killed):
         run(tiny_cfg(outputs))
     assert not [name for name in RUN_FILES if (folder / name).exists()]
     # so stage 03 stops, naming stage 02, instead of embedding with the earlier run's model
     with pytest.raises(UserError, match="02_train_arcface.py"):
         checkpoint_path(tiny_cfg(outputs))
+
+
+def test_stage_04_refuses_the_mix_of_files_a_killed_stage_03_leaves(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = _copy(trained, tmp_path)
+    folder = outputs / "03_embed"
+    cfg = tiny_cfg(outputs, "embed.workers=0")
+    embed_run(cfg)
+    assert len(load_embeddings(folder).train) > 0  # a finished run's files read
+    real_write = embed_module.write_npy
+
+    def write(path: Path, array: np.ndarray) -> None:
+        if Path(path).name == "test_emb.npy":
+            raise Killed("killed before writing test_emb.npy")
+        real_write(path, array)
+
+    # a rerun with another TTA, killed after writing the new gallery but before the test embeddings
+    monkeypatch.setattr(embed_module, "write_npy", write)
+    with pytest.raises(Killed):
+        embed_run(tiny_cfg(outputs, "embed.workers=0", "embed.flip_tta=none"))
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="did not finish"):
+        load_embeddings(folder)
+    embed_run(cfg)  # the rerun makes the folder whole again
+    emb = np.load(folder / "train_emb.npy")
+    np.save(folder / "train_emb.npy", -emb)  # changed after the run
+    with pytest.raises(UserError, match="train_emb.npy is not the file"):
+        load_embeddings(folder)
+    np.save(folder / "train_emb.npy", emb)
+    load_embeddings(folder)
+    shutil.copy(folder / "train_emb.npy", folder / "fold_train_emb.npy")  # a file this run did not write
+    with pytest.raises(UserError, match="fold_train_emb.npy was not written"):
+        load_embeddings(folder)
 
 
 def test_an_epoch_draws_the_same_batches_resumed_or_not_and_whatever_the_workers(

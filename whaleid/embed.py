@@ -32,6 +32,7 @@ from whaleid.distributed import Runtime, embed_sharded, init_runtime
 from whaleid.errors import UserError
 from whaleid.inference import FLIPS, bf16_inference
 from whaleid.io import (
+    EMBED_FILES,
     STAGE_DIRS,
     atomic_path,
     check_fresh,
@@ -88,8 +89,14 @@ def checkpoint_path(cfg: Config, refit: bool = False) -> Path | None:
             if not path.is_file():
                 raise UserError(f"train.refit is true but {path} does not exist: rerun 02_train_arcface.py "
                                 "with train.refit true, or set train.refit false")
-            return path
-        return require(folder / f"{name}.pt", "02_train_arcface.py")
+        else:
+            path = require(folder / f"{name}.pt", "02_train_arcface.py")
+        if not (path.parent / "report.json").is_file():
+            raise UserError(f"{path.parent / 'report.json'} is missing: that training run did not finish "
+                            f"(stopped or killed), so {path.name} is a half-trained model. Finish it with "
+                            "`python 02_train_arcface.py --resume`, or set embed.checkpoint to the .pt file "
+                            "to embed with it anyway")
+        return path
     path = Path(name)
     if not path.is_file():
         raise UserError(f"embed.checkpoint {name!r} is neither best, last, untrained nor an existing file")
@@ -341,6 +348,9 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     out = stage_dir(cfg, "embed")
     if not rt.main:
         return out
+    # report.json goes last and lists what this run wrote: until then a killed run's mix of new
+    # and old files has no report, and stage 04 refuses it
+    (out / "report.json").unlink(missing_ok=True)
     write_resolved_config(cfg, out)
     for split in ("train", "test"):
         _write_split(out, "", rows, emb, split)
@@ -379,6 +389,8 @@ def _run(cfg: Config, rt: Runtime) -> Path:
             "config": fingerprint_config({"embed": cfg.embed.to_dict(), "crop.sources": cfg.crop.sources}),
         },
         "input_files": stage_inputs_record(_input_paths(cfg, loaded, fold_model), cfg.paths.outputs),
+        "output_files": stage_inputs_record([out / name for name in EMBED_FILES if (out / name).is_file()],
+                                            cfg.paths.outputs),
         "stale_inputs": stale,
         "seconds": round(time.time() - start, 2),
     }

@@ -29,6 +29,9 @@ STAGE_DIRS = {
     "embed": "03_embed",
     "submit": "04_submit",
 }
+# What stage 03 writes for stage 04; its report.json records their digests (`check_outputs`).
+EMBED_FILES = ("train_emb.npy", "train_index.csv", "test_emb.npy", "test_index.csv",
+               "fold_train_emb.npy", "fold_train_index.csv", "test_logits.npz", "train_logits.npz")
 
 
 @contextmanager
@@ -175,6 +178,33 @@ def check_fresh(report_path: str | Path, made_by: str) -> list[str]:
     for line in stale:
         print(f"warning: stale input: {line}")
     return stale
+
+
+def check_outputs(report_path: str | Path, names: Iterable[str], made_by: str) -> dict:
+    """A finished stage's report.json, checked against the files beside it: each file its
+    `output_files` records must be there with the recorded digest, and none of `names` may be
+    there unrecorded. A run killed while writing leaves no report.json (it is deleted first and
+    written last), so a mix of two runs' files is refused, never read. Returns the report."""
+    report_path = Path(report_path)
+    folder = report_path.parent
+    if not report_path.is_file():
+        raise UserError(f"{report_path} is missing: {made_by} did not finish writing {folder} "
+                        f"(a killed run leaves a mix of old and new files); rerun {made_by}")
+    report = read_json(report_path)
+    recorded = report.get("output_files")
+    if recorded is None:  # written before reports listed their outputs: nothing to check against
+        return report
+    for name, digest in recorded.items():
+        path = folder.parent / name  # an absolute `name` stays as it is
+        if not path.is_file() or file_digest(path) != digest:
+            state = "missing" if not path.is_file() else "not the file"
+            raise UserError(f"{path} is {state} that {made_by} wrote (digests in {report_path}): rerun {made_by}")
+    listed = {(folder.parent / name).resolve() for name in recorded}
+    for name in names:
+        if (folder / name).is_file() and (folder / name).resolve() not in listed:
+            raise UserError(f"{folder / name} was not written by the {made_by} run that wrote {report_path}: "
+                            f"rerun {made_by}")
+    return report
 
 
 def require(path: str | Path, made_by: str) -> Path:

@@ -32,12 +32,13 @@ from whaleid.catalogue import load_catalogue, load_encoders, resolve_data_dir
 from whaleid.config import Config
 from whaleid.errors import UserError
 from whaleid.io import (
+    EMBED_FILES,
     STAGE_DIRS,
     check_fresh,
+    check_outputs,
     fingerprint_config,
     fingerprint_files,
     load_array,
-    read_json,
     require,
     stage_dir,
     stage_inputs_record,
@@ -111,7 +112,9 @@ def _read_emb(path: Path, index_path: Path) -> tuple[np.ndarray, pd.DataFrame]:
 
 
 def load_embeddings(folder: Path) -> Embeddings:
-    """Read and check the stage-03 folder: shapes, index rows, finite values, optional logits."""
+    """Read and check the stage-03 folder: a finished run's files only (report.json and the
+    digests it records), shapes, index rows, finite values, optional logits."""
+    report = check_outputs(folder / "report.json", EMBED_FILES, EMBED_MADE_BY)
     train, train_index = _read_emb(folder / "train_emb.npy", folder / "train_index.csv")
     test, test_index = _read_emb(folder / "test_emb.npy", folder / "test_index.csv")
     if len(train) == 0:
@@ -121,7 +124,6 @@ def load_embeddings(folder: Path) -> Embeddings:
                         f"rerun {EMBED_MADE_BY}")
     logits, train_logits = (load_array(folder / name, EMBED_MADE_BY) if (folder / name).exists() else None
                             for name in ("test_logits.npz", "train_logits.npz"))
-    report = read_json(folder / "report.json") if (folder / "report.json").exists() else {}
     fold_train = fold_index = None
     if report.get("fold_checkpoint"):  # train.refit: written by the same stage-03 run as the rest
         fold_train, fold_index = _read_emb(folder / "fold_train_emb.npy", folder / "fold_train_index.csv")

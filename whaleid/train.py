@@ -616,6 +616,8 @@ def _run(cfg: Config, resume: bool, rt: Runtime, out: Path) -> Path:
     start_epoch, best, threshold, history = 0, -math.inf, math.nan, []
     if resume:
         start_epoch, best, threshold, history = _resume(out, cfg, encoders, model, heads, optimizer, scheduler)
+        if rt.main:  # report.json says the run finished (stage 03 checks): not until this one has
+            (out / "report.json").unlink(missing_ok=True)
     if rt.main:
         stage_dir(cfg, "train")
         out.mkdir(parents=True, exist_ok=True)
