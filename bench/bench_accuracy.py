@@ -16,7 +16,9 @@ or tunes anything on it (the new_individual threshold comes from the validation 
 `--subset-ids N` trains on the first N individuals (sorted ids) and keeps every test image: a
 smoke test whose score is not comparable (test images of the other individuals cannot be found).
 `--pseudo-rounds N` adds N pseudo-label rounds: stage 04's confident test predictions
-(`pseudo_labels.csv`) become training rows (`train.pseudo_labels`) and stages 02 -> 04 run again.
+(`pseudo_labels.csv`) become training rows (`train.pseudo_labels`) and stages 02 -> 04 run again,
+each round in `pseudo_round{r}/` of the artifact folder (the run before keeps its model and
+submission), with a row and a threshold line of its own in the results.
 `--ablation` measures variants of the recipe on the validation fold only (see `VARIANTS`).
 """
 
@@ -255,16 +257,20 @@ def overlays_of(args: argparse.Namespace) -> list[str]:
 # The benchmark
 # ---------------------------------------------------------------------------------------------
 
-def pseudo_rounds(runner: Runner, out: Path, data: Path, rounds: int, answers: Path | None) -> list[tuple[str, dict, dict]]:
-    """Retrain `rounds` times with the previous round's pseudo-labels; (name, validation, test) each."""
-    results = []
+def pseudo_rounds(runner: Runner, out: Path, data: Path, rounds: int) -> list[tuple[str, Path]]:
+    """Retrain `rounds` times with the previous round's pseudo-labels, each round in its own
+    folder `out/pseudo_round{r}` (stages 00-01 copied), so the run before keeps its model and
+    submission; (name, folder) each."""
+    results, previous = [], out
     for r in range(1, rounds + 1):
-        pseudo = out / f"pseudo_labels_round{r}.csv"
-        shutil.copy2(out / "04_submit" / "pseudo_labels.csv", pseudo)
-        print(f"pseudo round {r}: {len(pd.read_csv(pseudo))} test images as extra training rows", flush=True)
-        runner.stages("02_train", "04_submit", out, data, [f"train.pseudo_labels={pseudo}"], f" (pseudo round {r})")
-        test = score_submission(out / "submission.csv", answers) if answers else {}
-        results.append((f"trained + pseudo round {r}", validation_of(out), test))
+        folder = out / f"pseudo_round{r}"
+        copy_upstream(out, folder, "01_crops")
+        pseudo = folder / "pseudo_labels_in.csv"
+        shutil.copy2(previous / "04_submit" / "pseudo_labels.csv", pseudo)
+        print(f"pseudo round {r}: {len(pd.read_csv(pseudo))} test images as extra training rows -> {folder}", flush=True)
+        runner.stages("02_train", "04_submit", folder, data, [f"train.pseudo_labels={pseudo}"], f" (pseudo round {r})")
+        results.append((f"trained + pseudo round {r}", folder))
+        previous = folder
     return results
 
 
@@ -280,16 +286,16 @@ def bench(args: argparse.Namespace) -> str:
     run_data = data_view(data, out / "data_subset", args.subset_ids) if args.subset_ids else data
 
     runner.stages("00_prepare", "04_submit", out, run_data)
-    test = score_submission(out / "submission.csv", answers)
-    rows = [("trained", validation_of(out), test)]
-    rows += pseudo_rounds(runner, out, run_data, args.pseudo_rounds, answers)
-    threshold = stage04_metrics(out)["threshold"]  # of the final submission (after any pseudo round)
+    runs = [("trained", out), *pseudo_rounds(runner, out, run_data, args.pseudo_rounds)]
     if not args.skip_floor:
         floor = out / "floor"
         copy_upstream(out, floor, "01_crops")
         runner.stages("03_embed", "04_submit", floor, run_data, ["embed.checkpoint=untrained", "rerank.enabled=false"],
                        " (floor)")
-        rows.append(("untrained floor", validation_of(floor), score_submission(floor / "submission.csv", answers)))
+        runs.append(("untrained floor", floor))
+    # each run's figures from its own folder, scored after its submission.csv was written
+    rows = [(name, validation_of(folder), score_submission(folder / "submission.csv", answers)) for name, folder in runs]
+    thresholds = [(name, stage04_metrics(folder)["threshold"]) for name, folder in runs]
 
     cfg = load_config(runner.overlays, [*runner.sets, f"paths.data={run_data}", f"paths.outputs={out}"])
     lines = header(f"Accuracy: {dataset_name(args)}, profile {args.profile}", args, data)
@@ -300,10 +306,13 @@ def bench(args: argparse.Namespace) -> str:
     lines += [score_row(name, t) for name, _, t in rows]
     lines += ["", f"Answers: `{answers}`.", "", "## Validation fold (what every choice was made on)", "", *SCORE_HEAD]
     lines += [score_row(name, v) for name, v, _ in rows]
-    lines += ["", f"new_individual threshold {threshold['value']:.4f}: {threshold['how']} (mode `{threshold['mode']}`).",
-              "", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
+    lines += [""] + [f"new_individual threshold of {name}: {t['value']:.4f}: {t['how']} (mode `{t['mode']}`)."
+                     for name, t in thresholds[:1 + args.pseudo_rounds]]
+    lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in runner.times.items()]
-    lines += [f"| total | {sum(runner.times.values()):.0f} |", "", f"Artifacts and log: `{out}`.", ""]
+    lines += [f"| total | {sum(runner.times.values()):.0f} |", "",
+              f"Artifacts and log: `{out}`" + (f" (pseudo rounds in `pseudo_round1`...`pseudo_round{args.pseudo_rounds}`)"
+                                                if args.pseudo_rounds else "") + ".", ""]
     return "\n".join(lines + config_block(cfg, runner.overlays))
 
 

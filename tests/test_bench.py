@@ -1,0 +1,80 @@
+"""bench/bench_accuracy.py's bookkeeping, with the stages stubbed: what each row of the results
+table reports must come from that run's own artifacts, and later runs must not overwrite earlier
+ones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_accuracy  # noqa: E402
+
+IDS = ["whale_a", "whale_b", "new_individual"]
+
+
+def fake_stage(self: bench_accuracy.Runner, name: str, out: Path, data: Path, extra: list[str] = (),
+               label: str = "") -> float:
+    """Stands for a numbered script: the base run answers every test image right, a pseudo round
+    every one wrong, each with its own threshold and checkpoint."""
+    label = label or name
+    (out / name).mkdir(parents=True, exist_ok=True)
+    (out / name / "config.resolved.yaml").write_text(label)
+    if name == "02_train":
+        (out / name / "best.pt").write_text(f"checkpoint of {label}")
+    if name == "04_submit":
+        answers = pd.read_csv(data / "test_labels.csv")
+        good = "pseudo" not in label
+        preds = [" ".join([t, *[i for i in IDS if i != t]]) if good else "x y z w v" for t in answers["individual_id"]]
+        pd.DataFrame({"image": answers["image"], "predictions": preds}).to_csv(out / "submission.csv", index=False)
+        metrics = {"threshold": {"value": 0.6 if good else 0.3, "how": f"calibrated in {label}", "mode": "calibrate"},
+                   "validation": {"map5": 0.9 if good else 0.1, "n": 3}}
+        (out / name / "metrics.json").write_text(json.dumps(metrics))
+        answers.head(2).assign(confidence=0.9).to_csv(out / name / "pseudo_labels.csv", index=False)
+    self.times[label] = 1.0
+    return 1.0
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pd.DataFrame({"image": ["a.jpg", "b.jpg"], "species": "x", "individual_id": IDS[:2]}).to_csv(
+        folder / "train.csv", index=False)
+    pd.DataFrame({"image": ["t1.jpg", "t2.jpg", "t3.jpg"], "individual_id": IDS}).to_csv(
+        folder / "test_labels.csv", index=False)
+    return folder
+
+
+def test_pseudo_rounds_run_in_their_own_folders_and_each_row_is_its_own_run(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_accuracy.Runner, "stage", fake_stage)
+    monkeypatch.setattr(bench_accuracy, "machine", lambda: "test")
+    out = tmp_path / "out"
+    args = argparse.Namespace(data=str(data), labels="", profile="cpu", config=[], sets=[], out=str(out),
+                              subset_ids=0, skip_floor=True, pseudo_rounds=1)
+    text = bench_accuracy.bench(args)
+    test_part, validation_part = text.split("## Validation fold")
+
+    def rows(part: str) -> dict[str, str]:
+        return {line.split("|")[1].strip(): line.split("|")[2].strip() for line in part.splitlines()
+                if line.startswith("| trained")}
+
+    assert rows(test_part) == {"trained": "1.0000", "trained + pseudo round 1": "0.0000"}
+    assert rows(validation_part) == {"trained": "0.9000", "trained + pseudo round 1": "0.1000"}
+    # the base run keeps its model and submission; the round has its own, trained on the base's labels
+    assert (out / "02_train" / "best.pt").read_text() == "checkpoint of 02_train"
+    assert bench_accuracy.score_submission(out / "submission.csv", data / "test_labels.csv")["map5"] == 1.0
+    round1 = out / "pseudo_round1"
+    assert (round1 / "02_train" / "best.pt").read_text() == "checkpoint of 02_train (pseudo round 1)"
+    assert (round1 / "00_prepare" / "config.resolved.yaml").read_text() == "00_prepare"  # copied, not rerun
+    assert len(pd.read_csv(round1 / "pseudo_labels_in.csv")) == 2
+    assert "new_individual threshold of trained: 0.6000: calibrated in 04_submit" in text
+    assert "new_individual threshold of trained + pseudo round 1: 0.3000" in text
