@@ -81,8 +81,10 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train_dir = tmp / "outputs" / STAGE_DIRS["train"]
     train_dir.mkdir(parents=True)
     (train_dir / "best.pt").write_bytes(b"not a real checkpoint")
+    (train_dir / "report.json").write_text("{}")  # the run finished
     (train_dir / "refit").mkdir()
     (train_dir / "refit" / "best.pt").write_bytes(b"not a real refit checkpoint")
+    (train_dir / "refit" / "report.json").write_text("{}")
     build(tmp / "kaggle_bundle", tmp / "outputs")
     return tmp / "kaggle_bundle"
 
@@ -120,6 +122,19 @@ def test_inference_install_copies_the_refit_model_beside_the_fold_model(bundle: 
     assert (train_dir / "best.pt").read_bytes() == b"not a real checkpoint"
     assert (train_dir / "refit" / "best.pt").read_bytes() == b"not a real refit checkpoint"
     assert not (train_dir / "last.pt").exists() and not (train_dir / "refit" / "last.pt").exists()
+    # each installed run gets a report.json, so stage 03 takes it for the finished run it is
+    for folder in (train_dir, train_dir / "refit"):
+        assert json.loads((folder / "report.json").read_text())["checkpoints"] == ["best.pt"]
+
+
+def test_a_half_trained_run_is_not_bundled(tmp_path: Path) -> None:
+    train_dir = tmp_path / "outputs" / STAGE_DIRS["train"]
+    train_dir.mkdir(parents=True)
+    (train_dir / "best.pt").write_bytes(b"epoch 3 of 20, then killed")  # no report.json: not finished
+    manifest = build(tmp_path / "kaggle_bundle", tmp_path / "outputs")
+    assert not (tmp_path / "kaggle_bundle" / "checkpoints").exists()
+    reasons = {s["item"]: s["reason"] for s in manifest["skipped"]}
+    assert "did not finish" in reasons["checkpoints/best.pt"]
 
 
 def _import_names(wheel: Path) -> list[str]:
@@ -211,6 +226,26 @@ def test_notebook_commands() -> None:
         kb.notebook_commands("/w", "/i", "train-only")
 
 
+def test_notebook_commands_resume_the_training_a_rerun_finds(tmp_path: Path) -> None:
+    def stage_02(cmd_list: list[list[str]]) -> list[str]:
+        (cmd,) = [c for c in cmd_list if Path(c[1]).name == "02_train_arcface.py"]
+        return cmd
+
+    assert "--resume" not in stage_02(kb.notebook_commands(tmp_path, "/i", "full"))
+    train_dir = tmp_path / kb.OUTPUTS_DIR / STAGE_DIRS["train"]
+    train_dir.mkdir(parents=True)
+    (train_dir / "last.pt").write_bytes(b"a run the notebook started before")
+    cmds = kb.notebook_commands(tmp_path, "/i", "full")
+    assert stage_02(cmds)[2] == "--resume"
+    assert all("--resume" not in c for c in cmds if Path(c[1]).name != "02_train_arcface.py")
+
+
+def test_run_commands_passes_progress_bar_redraws_through(capsys: pytest.CaptureFixture) -> None:
+    child = "import sys; sys.stdout.write('bar 1/3\\rbar 2/3\\rbar 3/3\\n\\u00e9'); sys.stdout.flush()"
+    kb.run_commands([[sys.executable, "-c", child]], cwd=".")
+    assert capsys.readouterr().out.endswith("bar 1/3\rbar 2/3\rbar 3/3\n\u00e9")
+
+
 # ------------------------------------------------------------------------------------------ (b)
 
 
@@ -263,10 +298,10 @@ def test_notebook_refers_only_to_existing_files_and_functions(bundle: Path) -> N
 
 def test_notebook_installs_exactly_the_bundled_wheels(bundle: Path) -> None:
     (pip,) = [line.strip() for c in _code_cells() for line in c.splitlines() if line.strip().startswith("!pip")]
-    assert "--no-index" in pip and "--find-links {BUNDLE}/wheels" in pip
-    wanted = {kb.normalize_name(n) for n in pip.split("{BUNDLE}/wheels", 1)[1].split()}
+    # every bundled wheel, offline: an --extra-dist wheel is installed too, not only bundled
+    assert pip.split() == ["!pip", "install", "--no-index", "--find-links", "{BUNDLE}/wheels", "{BUNDLE}/wheels/*.whl"]
     bundled = {w.name.split("-")[0] for w in (bundle / "wheels").glob("*.whl")}
-    assert wanted == bundled == {kb.normalize_name(n) for n in (kb.PROJECT, *kb.KAGGLE_MISSING)}
+    assert bundled == {kb.normalize_name(n) for n in (kb.PROJECT, *kb.KAGGLE_MISSING)}
 
 
 # ------------------------------------------------------------------------------------------ (c)

@@ -49,5 +49,6 @@ def run_stage(
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished artifacts are kept; rerun to resume", file=sys.stderr)
+        print("interrupted: finished artifacts are kept; rerun the stage to finish (stage 02: with --resume, "
+              "to continue from last.pt)", file=sys.stderr)
         sys.exit(130)

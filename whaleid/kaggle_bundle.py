@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import csv
 import hashlib
 import importlib.metadata
@@ -42,7 +43,7 @@ import whaleid
 from whaleid.cli import run_stage
 from whaleid.config import ROOT, Config
 from whaleid.errors import UserError
-from whaleid.io import STAGE_DIRS, atomic_path
+from whaleid.io import STAGE_DIRS, atomic_path, write_json
 
 # Distributions that requirements.txt needs and Kaggle's Python image does not ship (checked
 # against the kaggle/python docker image: it has torch, torchvision, timm, albumentations, opencv,
@@ -291,20 +292,29 @@ def _copy_code(dest: Path) -> None:
 
 
 def _copy_checkpoints(cfg: Config, dest: Path, bundle: Bundle) -> None:
+    """The checkpoints of finished stage-02 runs (their report.json is written when a run ends):
+    a half-trained best.pt is skipped, with the reason, like a missing one."""
     train_dir = Path(cfg.paths.outputs) / STAGE_DIRS["train"]
     for name in CHECKPOINTS:
         source = train_dir / name
-        if source.exists():
-            (dest / "checkpoints").mkdir(exist_ok=True)
-            shutil.copy2(source, dest / "checkpoints" / name)
-        else:
+        if not source.exists():
             bundle.skip(f"checkpoints/{name}", f"{source} does not exist (run stage 02 first); "
                         "the notebook can then only run the full pipeline")
+        elif not (train_dir / "report.json").exists():
+            bundle.skip(f"checkpoints/{name}", f"the stage-02 run in {train_dir} did not finish (no report.json): "
+                        "finish it with 02_train_arcface.py --resume")
+        else:
+            (dest / "checkpoints").mkdir(exist_ok=True)
+            shutil.copy2(source, dest / "checkpoints" / name)
     for name in REFIT_CHECKPOINTS:
         source = train_dir / name
-        if source.exists():
-            (dest / "checkpoints" / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / "checkpoints" / name)
+        if not source.exists():
+            continue
+        if not (source.parent / "report.json").exists():
+            bundle.skip(f"checkpoints/{name}", f"the refit run in {source.parent} did not finish (no report.json)")
+            continue
+        (dest / "checkpoints" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest / "checkpoints" / name)
 
 
 def _manifest(dest: Path, bundle: Bundle) -> dict:
@@ -421,11 +431,20 @@ def _install_checkpoints(bundle_dir: Path, train_dir: Path) -> None:
         raise UserError(f"{bundle_dir}/checkpoints/best.pt is missing: train (stage 02) before building the "
                         "bundle, or run the notebook with MODE = 'full'")
     train_dir.mkdir(parents=True, exist_ok=True)
+    installed: dict[Path, list[str]] = {}
     for name in (*CHECKPOINTS, *REFIT_CHECKPOINTS):
         source = bundle_dir / "checkpoints" / name
         if source.exists():
             (train_dir / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, train_dir / name)
+            installed.setdefault((train_dir / name).parent, []).append(Path(name).name)
+    # Stage 03 embeds best/last only beside a finished run's report.json. The bundle holds only
+    # finished runs' checkpoints; their own reports are not carried over, since the digests of
+    # input files they record are of the machine that trained them.
+    for folder, names in installed.items():
+        write_json(folder / "report.json", {
+            "installed_from": str(bundle_dir / "checkpoints"), "checkpoints": names,
+            "note": "checkpoints of a finished stage-02 run, installed by kaggle_bundle.prepare_run"})
 
 
 def notebook_commands(
@@ -439,7 +458,9 @@ def notebook_commands(
 
     Every path the stages use is given on the command line: the competition data at `input_dir`
     (only read), and the outputs and the demo folder below `working_dir`. `sets` are extra
-    `key=value` overrides, applied after the Kaggle overlay.
+    `key=value` overrides, applied after the Kaggle overlay. Where stage 02 already left a
+    `last.pt` (the notebook run again, or stopped), it runs with `--resume`: it continues that run,
+    or with a finished one only rewrites its report, instead of training from scratch.
     """
     if mode not in MODES:
         raise UserError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
@@ -453,21 +474,27 @@ def notebook_commands(
         *sets,
     ):
         args += ["--set", expr]
-    return [[python, str(run_dir / script), *args] for script in MODES[mode]]
+    resume = (working_dir / OUTPUTS_DIR / STAGE_DIRS["train"] / "last.pt").exists()
+    return [[python, str(run_dir / script), *(["--resume"] if resume and script == "02_train_arcface.py" else []),
+             *args] for script in MODES[mode]]
 
 
 def run_commands(commands: Sequence[Sequence[str]], cwd: str | Path) -> None:
-    """Run each command in `cwd`, streaming its output line by line; stop at the first failure.
+    """Run each command in `cwd`, streaming its output as it comes; stop at the first failure.
 
     Streaming through this process (not letting the child write to the kernel's file
-    descriptors) makes the output appear in the notebook cell.
+    descriptors) makes the output appear in the notebook cell. The bytes pass unchanged: a
+    progress bar's carriage returns redraw its line in the cell instead of adding one per update.
     """
     for cmd in commands:
         print("$", " ".join(cmd), flush=True)
-        with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
             assert proc.stdout is not None, "Popen was asked for a stdout pipe"
-            for line in proc.stdout:
-                print(line, end="", flush=True)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for chunk in iter(lambda: os.read(proc.stdout.fileno(), 1 << 16), b""):
+                sys.stdout.write(decoder.decode(chunk))
+                sys.stdout.flush()
+            sys.stdout.write(decoder.decode(b"", final=True))
         if proc.returncode != 0:
             raise UserError(f"{Path(cmd[1]).name} failed with exit status {proc.returncode} (its output is above)")
 
