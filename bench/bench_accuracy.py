@@ -386,8 +386,21 @@ def size_variant(size: int) -> Variant:
                    lambda cfg, base: [f"train.image_size={size}"])
 
 
+def ablation_variants(args: argparse.Namespace) -> list[Variant]:
+    """The variants asked for, checked before anything runs: each runs in out/NAME and is timed
+    under its name, so names must be unique and not `base`."""
+    variants = [v for v in VARIANTS if not args.variants or v.name in args.variants]
+    variants += [size_variant(s) for s in args.sizes] + args.custom
+    names = ["base", *(v.name for v in variants)]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise UserError(f"ablation variant names must be unique and not 'base': {', '.join(clash)}")
+    return variants
+
+
 def ablation(args: argparse.Namespace) -> str:
     """Base run plus each variant, scored on the validation fold only (the answers are hidden)."""
+    variants = ablation_variants(args)
     out = (Path(args.out).resolve() / "ablation")
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(overlays_of(args), list(args.sets), out / "bench.log")
@@ -398,8 +411,6 @@ def ablation(args: argparse.Namespace) -> str:
     if cfg.prepare.fold < 0:
         raise UserError("the ablation scores the validation fold: set prepare.fold >= 0")
     runner.stages("00_prepare", "04_submit", base, view, tag=" (base)")
-    variants = [v for v in VARIANTS if not args.variants or v.name in args.variants]
-    variants += [size_variant(s) for s in args.sizes] + args.custom
 
     def one(v: Variant) -> tuple:
         reason = v.applies(cfg)

@@ -78,3 +78,15 @@ def test_pseudo_rounds_run_in_their_own_folders_and_each_row_is_its_own_run(
     assert len(pd.read_csv(round1 / "pseudo_labels_in.csv")) == 2
     assert "new_individual threshold of trained: 0.6000: calibrated in 04_submit" in text
     assert "new_individual threshold of trained + pseudo round 1: 0.3000" in text
+
+
+def test_ablation_variant_names_that_clash_stop_before_anything_runs(tmp_path: Path) -> None:
+    def args(*custom: str, sizes: tuple[int, ...] = ()) -> argparse.Namespace:
+        return argparse.Namespace(variants=["no_tta"], sizes=list(sizes),
+                                  custom=[bench_accuracy.custom_variant(c) for c in custom])
+
+    assert [v.name for v in bench_accuracy.ablation_variants(args("mine:train.epochs=3"))] == ["no_tta", "mine"]
+    for clash in (args("base:train.epochs=3"), args("no_tta:train.epochs=3"),
+                  args("a:train.epochs=3", "a:train.epochs=4"), args("image_size_128:x=1", sizes=(128,))):
+        with pytest.raises(bench_accuracy.UserError, match="unique"):
+            bench_accuracy.ablation_variants(clash)

@@ -84,6 +84,29 @@ def test_float_keys_take_exponents_yaml_reads_as_strings(tmp_path: Path) -> None
         load_config(sets=["train.epochs=1e3"])       # int keys stay strict
 
 
+def test_float_list_items_are_checked_like_float_keys() -> None:
+    assert load_config(sets=["rerank.weights=[0, 1e-3, 0.5]"]).rerank.weights == [0.0, 0.001, 0.5]
+    with pytest.raises(UserError, match=r"rerank\.weights\[1\].*'heavy'"):
+        load_config(sets=["rerank.weights=[0.0, heavy]"])
+
+
+def test_text_keys_take_what_yaml_reads_as_numbers_or_dates() -> None:
+    cfg = load_config(sets=["paths.outputs=2024", "paths.labels=2024-06-01"])
+    assert (cfg.paths.outputs, cfg.paths.labels) == ("2024", "2024-06-01")
+    with pytest.raises(UserError, match=r"paths\.outputs.*got True"):  # yes/no stay an error
+        load_config(sets=["paths.outputs=yes"])
+
+
+def test_one_line_keeps_a_message_whole_and_unwraps_a_worker_traceback() -> None:
+    from whaleid.cli import one_line
+
+    assert one_line(UserError("building the wheel failed:\nerror: bad pyproject")) == (
+        "building the wheel failed:\nerror: bad pyproject")
+    wrapped = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1\nwhaleid.errors.UserError: crop a.jpg does not decode')
+    assert one_line(UserError(wrapped)) == "crop a.jpg does not decode"
+
+
 def test_unknown_key_lists_valid_keys() -> None:
     with pytest.raises(UserError) as err:
         load_config(sets=["train.epoch=3"])

@@ -20,10 +20,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def one_line(err: UserError) -> str:
-    """The sentence of a UserError. One raised in a DataLoader worker comes back re-wrapped by
-    torch with the worker's traceback in its message; its last line is the original sentence."""
+    """The message of a UserError. One raised in a DataLoader worker comes back re-wrapped by
+    torch with the worker's traceback in its message; its last line is the original sentence.
+    Any other message is kept whole (some carry a tool's output below their sentence)."""
     text = str(err)
-    if "\n" not in text:
+    if "Traceback" not in text:
         return text
     return text.rstrip().splitlines()[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
 

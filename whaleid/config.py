@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,12 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _is_number_list(value: Any) -> bool:
+    """A non-empty list of floats (not bools): its items are checked as float keys."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, float) and not isinstance(v, bool) for v in value)
+
+
 def _check_type(key: str, default: Any, value: Any) -> Any:
     """Return `value` if it fits the type of `default`, else raise a UserError naming the key.
 
@@ -66,6 +73,10 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
     if isinstance(default, float) and isinstance(value, str):
         with contextlib.suppress(ValueError):  # not a number: reported below
             value = float(value)
+    if isinstance(default, str) and isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+        value = str(value)  # YAML reads `paths.outputs=2024` as a number and `2024-06-01` as a date
+    if _is_number_list(default) and isinstance(value, list):
+        value = [_check_type(f"{key}[{i}]", default[0], v) for i, v in enumerate(value)]
     if value is None:
         ok = False
     elif isinstance(default, bool):
