@@ -101,13 +101,15 @@ def test_bad_imported_boxes_fall_back_to_the_full_frame_and_are_reported(tmp_pat
 
 
 def test_degenerate_detector_output_is_flagged_not_fatal(tmp_path: Path, monkeypatch) -> None:
-    cat, _ = write_set(tmp_path / "photos", 6, 0)
+    cat, truth = write_set(tmp_path / "photos", 6, 0)
+    truth.to_csv(tmp_path / "train_boxes.csv", index=False)  # boxes to learn from (the detector is stubbed)
     nan = float("nan")
     predicted = [((nan, 1.0, 50.0, 60.0), 0.9), ((10.0, 10.0, 10.0, 40.0), 0.9), ((-90.0, -90.0, -10.0, -5.0), 0.9),
                  ((10.0, 10.0, 60.0, 60.0), -0.3), None, ((10.0, 10.0, 60.0, 60.0), 0.8)]
     monkeypatch.setattr(detector, "ensure", lambda cfg, cat, path: (None, {"weights_id": "stub"}))
     monkeypatch.setattr(detector, "predict", lambda det, paths, cfg: predicted[: len(paths)])
-    cfg = detect_cfg(tmp_path, "crop.box_source.fullbody=detector", "crop.image_size=32")
+    cfg = detect_cfg(tmp_path, "crop.box_source.fullbody=detector", "crop.image_size=32",
+                     f"crop.detector.train_boxes={tmp_path / 'train_boxes.csv'}")
     write_catalogue(cfg, cat)
     detect.run(cfg)
     crops = detect.load_crops(cfg).set_index("image").loc[cat["image"]]

@@ -578,6 +578,9 @@ def prepare_model(cfg: Config, rt: Runtime, splits: Splits, encoders: dict) -> t
     cuda = rt.device.type == "cuda"
     if cfg.train.sync_bn and rt.world > 1 and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif cfg.train.sync_bn and rt.world > 1 and rt.main:
+        print("note: train.sync_bn works on CUDA (NCCL) only; these CPU ranks normalise by their own batches "
+              "(validation still uses rank 0's statistics on every rank)", flush=True)
     model.to(rt.device)
     heads.to(rt.device)
     if cuda:
