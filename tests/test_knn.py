@@ -114,6 +114,28 @@ def test_threshold_for_share() -> None:
         knn.threshold_for_share(top1, 1.5)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_threshold_for_share_is_exact_with_ties_padding_and_float32(share: float) -> None:
+    top1 = np.array([0.4, 0.1, -np.inf, 0.3, 0.3, -np.inf, 0.2, 0.9], dtype=np.float32)
+    t = knn.threshold_for_share(top1, share)
+    pred = knn.insert_new(np.tile(np.arange(5), (8, 1)), np.tile(top1[:, None], (1, 5)), t)
+    # -inf (no candidate) rows always count among the new (so share 0 still gives 2/8)
+    expected = {0.0: 2 / 8, 0.25: 2 / 8, 0.5: 4 / 8, 0.75: 6 / 8, 1.0: 1.0}[share]
+    assert (pred[:, 0] == NEW_LABEL).mean() == expected
+
+
+def test_the_calibrated_threshold_gives_the_map5_calibration_reported() -> None:
+    # a grid point just above a score, which float32 rounding would make equal to it
+    labels = np.array([[1, 2, 3, 4, 5]] * 2)
+    score = np.float32(0.1042)
+    scores = np.array([[score, 0.05, 0.04, 0.03, 0.02]] * 2, dtype=np.float32)
+    truth = np.array([NEW_LABEL, NEW_LABEL])
+    grid = np.array([float(score) - 1e-3, float(score) + 1e-9])
+    t, best = knn.calibrate_threshold(labels, scores, truth, grid)
+    assert t == grid[1] and best == 1.0
+    assert _brute_map5(labels, scores, truth, t) == best
+
+
 def test_faiss_and_torch_backends_agree() -> None:
     rng = np.random.default_rng(1)
     gallery, queries = unit(rng, 500), unit(rng, 40)

@@ -274,8 +274,10 @@ def insert_new(
 
     `threshold` may be one value or one per query (per-species thresholds).
     """
-    labels, scores = labels[:, :n], scores[:, :n]
-    t = np.broadcast_to(np.asarray(threshold, dtype=np.float32).reshape(-1, 1), (len(labels), 1))
+    labels, scores = labels[:, :n], np.asarray(scores, dtype=np.float64)[:, :n]
+    # float64, as `map5_for_thresholds` scores the thresholds calibration chooses among: rounded
+    # to float32, a threshold just above a score can become equal to it and move the insertion
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64).reshape(-1, 1), (len(labels), 1))
     pos = (scores >= t).sum(axis=1)  # scores are sorted, so this is the insertion rank
     cols = np.arange(n)[None, :]
     shifted = np.concatenate([np.full((len(labels), 1), NEW_LABEL), labels[:, : n - 1]], axis=1)
@@ -336,10 +338,20 @@ def threshold_for_share(top1_scores: np.ndarray, share: float) -> float:
     """The threshold that puts new_individual first for `share` of the queries."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1], got {share}")
-    finite = top1_scores[np.isfinite(top1_scores)]
-    if finite.size == 0:
+    top1 = np.sort(np.asarray(top1_scores, dtype=np.float64))  # -inf (no candidate) first: always new
+    if top1.size == 0:
         return 0.0
-    return float(np.quantile(finite, share))
+    n_new = int(round(share * len(top1)))
+    if n_new == len(top1):  # every query: just above the highest score, in float32 too
+        return _just_above(top1[-1]) if np.isfinite(top1[-1]) else 0.0
+    # new_individual goes first where top-1 < threshold: the n_new lowest scores
+    return float(top1[n_new]) if np.isfinite(top1[n_new]) else -float(np.finfo(np.float32).max)
+
+
+def _just_above(x: float) -> float:
+    """The smallest value above `x` both as float64 and when compared in float32."""
+    up = float(np.nextafter(np.float32(x), np.float32(np.inf)))
+    return up if up > x else float(np.nextafter(x, np.inf))
 
 
 def calibrate_per_group(
@@ -368,7 +380,7 @@ def calibrate_per_group(
 
 def thresholds_for_groups(groups: np.ndarray, table: dict[int, float], default: float) -> np.ndarray:
     """Per-query thresholds looked up by group; groups missing from `table` get `default`."""
-    return np.array([table.get(int(g), default) for g in groups], dtype=np.float32)
+    return np.array([table.get(int(g), default) for g in groups], dtype=np.float64)
 
 
 def blend_logits(

@@ -220,7 +220,11 @@ def choose_threshold(cfg: Config, val: dict | None, test_top1: np.ndarray, repor
     if k.new_mode not in NEW_MODES:
         raise UserError(f"unknown knn.new_mode {k.new_mode!r}; valid: {list(NEW_MODES)}")
     if k.new_mode == "fixed":
-        return Threshold(k.new_threshold, "fixed: knn.new_threshold")
+        note = (" (a cosine, compared with re-ranked scores: cosine + weight x log(1 + inliers))"
+                if rescored else "")
+        if rescored:
+            print(f"note: knn.new_threshold{note}")
+        return Threshold(k.new_threshold, f"fixed: knn.new_threshold{note}")
     share = Threshold(knn.threshold_for_share(test_top1, k.new_share),
                       f"share: new_individual first for {k.new_share:.0%} of test images")
     if k.new_mode == "share":
