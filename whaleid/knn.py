@@ -342,16 +342,11 @@ def threshold_for_share(top1_scores: np.ndarray, share: float) -> float:
     if top1.size == 0:
         return 0.0
     n_new = int(round(share * len(top1)))
-    if n_new == len(top1):  # every query: just above the highest score, in float32 too
-        return _just_above(top1[-1]) if np.isfinite(top1[-1]) else 0.0
+    if n_new == len(top1):  # every query: just above the highest score (insert_new compares in float64)
+        return float(np.nextafter(top1[-1], np.inf)) if np.isfinite(top1[-1]) else 0.0
     # new_individual goes first where top-1 < threshold: the n_new lowest scores
     return float(top1[n_new]) if np.isfinite(top1[n_new]) else -float(np.finfo(np.float32).max)
 
-
-def _just_above(x: float) -> float:
-    """The smallest value above `x` both as float64 and when compared in float32."""
-    up = float(np.nextafter(np.float32(x), np.float32(np.inf)))
-    return up if up > x else float(np.nextafter(x, np.inf))
 
 
 def calibrate_per_group(

@@ -736,19 +736,21 @@ def rank_all(cfg: Config, emb: Embeddings, catalogue: pd.DataFrame, rows: pd.Dat
     return Ranked(val, test_rank, labels, scores, inliers, notes)
 
 
-def _provenance(cfg: Config, embed_dir: Path, stale: list) -> dict:
-    """What this submission was made from: input fingerprints, file records, stale inputs."""
+def _provenance(cfg: Config, embed_dir: Path, emb_report: dict, stale: list) -> dict:
+    """What this submission was made from: input fingerprints, file records, stale inputs. The
+    stage-03 files' digests are those its report records, which `load_embeddings` checked."""
     embeddings = sorted(embed_dir.glob("*_emb.npy")) + sorted(embed_dir.glob("*_index.csv"))
     prepared = Path(cfg.paths.outputs) / STAGE_DIRS["prepare"]
+    recorded = emb_report.get("output_files")
     return {
         "fingerprints": {
             "inputs": fingerprint_files(embeddings),
             "config": fingerprint_config({"knn": cfg.knn.to_dict(), "rerank": cfg.rerank.to_dict(),
                                           "fold": cfg.prepare.fold}),
         },
-        "input_files": stage_inputs_record([
-            *embeddings, prepared / "catalogue.csv", prepared / "label_encoders.json",
-            resolve_data_dir(cfg) / "sample_submission.csv"], cfg.paths.outputs),
+        "input_files": (recorded if recorded is not None else stage_inputs_record(embeddings, cfg.paths.outputs))
+        | stage_inputs_record([prepared / "catalogue.csv", prepared / "label_encoders.json",
+                               resolve_data_dir(cfg) / "sample_submission.csv"], cfg.paths.outputs),
         "stale_inputs": stale,
     }
 
@@ -805,7 +807,7 @@ def run(cfg: Config) -> Path:
     metrics["report"] = _write_visual_report(cfg, out, catalogue, rows, val,
                                              (test_rank, pred, labels, scores, ranked.inliers, test_thresholds),
                                              threshold, answers, id_names)
-    metrics.update(_provenance(cfg, embed_dir, stale))
+    metrics.update(_provenance(cfg, embed_dir, emb.report, stale))
     metrics["seconds"] = round(time.time() - start, 2)
     write_json(out / "metrics.json", metrics)
     path = Path(cfg.paths.outputs) / "submission.csv"
