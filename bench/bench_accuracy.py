@@ -193,6 +193,16 @@ def validation_of(out: Path) -> dict:
     return stage04_metrics(out).get("validation", {})
 
 
+def models_note(name: str, out: Path) -> str:
+    """Which model ranked the test images of run `name` and which one validated (stage 03's report)."""
+    report = json.loads((out / "03_embed" / "report.json").read_text())
+    kind = report.get("checkpoint", {}).get("kind", "?")
+    if report.get("fold_checkpoint"):
+        return (f"{name}: test ranked by the all-data refit model (`{kind}`), validation by the fold model "
+                f"(`{report['fold_checkpoint'].get('kind', '?')}`), which calibrated the threshold.")
+    return f"{name}: test and validation ranked by the `{kind}` model."
+
+
 def fmt(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{value:.4f}"
 
@@ -304,9 +314,11 @@ def bench(args: argparse.Namespace) -> str:
                   "the test score is not comparable with a full run.", ""]
     lines += ["## Test (scored on the answers file after the submission was written)", "", *SCORE_HEAD]
     lines += [score_row(name, t) for name, _, t in rows]
+    lines += [""] + [models_note(name, folder) for name, folder in runs]
     lines += ["", f"Answers: `{answers}`.", "", "## Validation fold (what every choice was made on)", "", *SCORE_HEAD]
     lines += [score_row(name, v) for name, v, _ in rows]
     lines += [""] + [f"new_individual threshold of {name}: {t['value']:.4f}: {t['how']} (mode `{t['mode']}`)."
+                     + (f" Test ranking (all-data refit model): {t['test_value']:.4f}." if "test_value" in t else "")
                      for name, t in thresholds[:1 + args.pseudo_rounds]]
     lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in runner.times.items()]
@@ -386,6 +398,9 @@ def size_variant(size: int) -> Variant:
                    lambda cfg, base: [f"train.image_size={size}"])
 
 
+NO_REFIT = "train.refit=false"
+
+
 def ablation_variants(args: argparse.Namespace) -> list[Variant]:
     """The variants asked for, checked before anything runs: each runs in out/NAME and is timed
     under its name, so names must be unique and not `base`."""
@@ -403,7 +418,9 @@ def ablation(args: argparse.Namespace) -> str:
     variants = ablation_variants(args)
     out = (Path(args.out).resolve() / "ablation")
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(overlays_of(args), list(args.sets), out / "bench.log")
+    # Only validation is scored: the all-data refit, which ranks test alone, would double each
+    # training for nothing (a --set train.refit=true still comes later and wins).
+    runner = Runner(overlays_of(args), [NO_REFIT, *args.sets], out / "bench.log")
     data = resolve_data(Path(args.data).resolve(), runner)
     view = data_view(data, out / "data", args.subset_ids, args.test_limit)
     base = out / "base"
@@ -434,7 +451,8 @@ def ablation_table(args: argparse.Namespace, data: Path, rows: list, runner: Run
     """Markdown of the ablation: validation MAP@5 per variant and its change against the base."""
     lines = header(f"Ablation on the validation fold: {dataset_name(args)}, profile {args.profile}", args, data)
     lines += ["Every number is the validation-fold MAP@5 of stage 04 (`04_submit/metrics.json`); the stages ran "
-              "on a view of the data without its answers file.", "",
+              f"on a view of the data without its answers file, with `{NO_REFIT}` (the all-data refit ranks test "
+              "only, so it would change no figure here) unless --set says otherwise.", "",
               "| variant | change | stages | MAP@5 | known | new | acc@1 | vs base |", "|---|---|---|---:|---:|---:|---:|---:|"]
     base = rows[0][3].get("map5")
     for name, what, stages, val, note in rows:

@@ -29,12 +29,18 @@ def fake_stage(self: bench_accuracy.Runner, name: str, out: Path, data: Path, ex
     (out / name / "config.resolved.yaml").write_text(label)
     if name == "02_train":
         (out / name / "best.pt").write_text(f"checkpoint of {label}")
+    if name == "03_embed":  # the base run embeds with a refit model, the round without
+        refit = "pseudo" not in label
+        report = {"checkpoint": {"kind": "refit best" if refit else "best"},
+                  "fold_checkpoint": {"kind": "last"} if refit else None}
+        (out / name / "report.json").write_text(json.dumps(report))
     if name == "04_submit":
         answers = pd.read_csv(data / "test_labels.csv")
         good = "pseudo" not in label
         preds = [" ".join([t, *[i for i in IDS if i != t]]) if good else "x y z w v" for t in answers["individual_id"]]
         pd.DataFrame({"image": answers["image"], "predictions": preds}).to_csv(out / "submission.csv", index=False)
-        metrics = {"threshold": {"value": 0.6 if good else 0.3, "how": f"calibrated in {label}", "mode": "calibrate"},
+        metrics = {"threshold": {"value": 0.6 if good else 0.3, "how": f"calibrated in {label}", "mode": "calibrate"}
+                   | ({"test_value": 0.7} if good else {}),  # the base run's refit model ranks test
                    "validation": {"map5": 0.9 if good else 0.1, "n": 3}}
         (out / name / "metrics.json").write_text(json.dumps(metrics))
         answers.head(2).assign(confidence=0.9).to_csv(out / name / "pseudo_labels.csv", index=False)
@@ -76,8 +82,13 @@ def test_pseudo_rounds_run_in_their_own_folders_and_each_row_is_its_own_run(
     assert (round1 / "02_train" / "best.pt").read_text() == "checkpoint of 02_train (pseudo round 1)"
     assert (round1 / "00_prepare" / "config.resolved.yaml").read_text() == "00_prepare"  # copied, not rerun
     assert len(pd.read_csv(round1 / "pseudo_labels_in.csv")) == 2
-    assert "new_individual threshold of trained: 0.6000: calibrated in 04_submit" in text
+    assert ("new_individual threshold of trained: 0.6000: calibrated in 04_submit (mode `calibrate`). "
+            "Test ranking (all-data refit model): 0.7000.") in text
     assert "new_individual threshold of trained + pseudo round 1: 0.3000" in text
+    # which model ranked each run's test images, from that run's own stage-03 report
+    assert ("trained: test ranked by the all-data refit model (`refit best`), validation by the fold model "
+            "(`last`)") in text
+    assert "trained + pseudo round 1: test and validation ranked by the `best` model." in text
 
 
 def test_ablation_variant_names_that_clash_stop_before_anything_runs(tmp_path: Path) -> None:
@@ -90,3 +101,36 @@ def test_ablation_variant_names_that_clash_stop_before_anything_runs(tmp_path: P
                   args("a:train.epochs=3", "a:train.epochs=4"), args("image_size_128:x=1", sizes=(128,))):
         with pytest.raises(bench_accuracy.UserError, match="unique"):
             bench_accuracy.ablation_variants(clash)
+
+
+def test_ablation_runs_without_the_refit_unless_asked(data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ablation scores validation only, which the all-data refit cannot change: every stage of
+    the base and the variants runs with train.refit=false, and a --set train.refit=true wins."""
+    calls: list[list[str]] = []
+
+    answers = data  # the stub's stage 04 reads them; the ablation's view of the data hides them
+
+    def recording_stage(self: bench_accuracy.Runner, name: str, out: Path, view: Path, extra: list[str] = (),
+                        label: str = "") -> float:
+        calls.append([*self.sets, *extra])
+        return fake_stage(self, name, out, answers, extra, label)
+
+    monkeypatch.setattr(bench_accuracy.Runner, "stage", recording_stage)
+    monkeypatch.setattr(bench_accuracy, "machine", lambda: "test")
+    pd.DataFrame({"image": ["t1.jpg", "t2.jpg", "t3.jpg"], "predictions": ""}).to_csv(
+        data / "sample_submission.csv", index=False)
+
+    def run(sets: list[str]) -> str:
+        calls.clear()
+        args = argparse.Namespace(data=str(data), labels="", profile="cpu", config=[], sets=sets,
+                                  out=str(tmp_path / f"out{len(sets)}"), subset_ids=0, test_limit=0,
+                                  variants=["fixed_margin"], sizes=[], custom=[], jobs=1)
+        return bench_accuracy.ablation(args)
+
+    text = run([])
+    assert len(calls) == 5 + 3  # base 00-04, the variant 02-04
+    assert all(c[0] == "train.refit=false" for c in calls)
+    assert "with `train.refit=false`" in text
+    run(["train.refit=true"])  # later --set wins: the user asked for it
+    assert all(c[:2] == ["train.refit=false", "train.refit=true"] for c in calls)

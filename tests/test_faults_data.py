@@ -170,19 +170,24 @@ def test_stage_03_shift_tta_is_recorded_changes_the_embeddings_and_refuses_bad_v
 def test_stage_03_with_refit_embeds_with_both_models_and_names_a_missing_refit(
         trained: Path, tmp_path: Path) -> None:
     outputs = _copy(trained, tmp_path)
+    # the fold run's best.pt as an earlier epoch that validated better: another model than last.pt
+    shutil.copy(outputs / "02_train" / "refit" / "best.pt", outputs / "02_train" / "best.pt")
     folder = embed.run(embed_cfg(outputs, "train.refit=true"))
     report = read_json(folder / "report.json")
     assert report["checkpoint"]["path"] == str((outputs / "02_train" / "refit" / "best.pt").resolve())
-    assert report["fold_checkpoint"]["path"] == str((outputs / "02_train" / "best.pt").resolve())
+    # the fold model validates as the refit model's stand-in: its last epoch, trained as long
+    assert report["fold_checkpoint"]["path"] == str((outputs / "02_train" / "last.pt").resolve())
+    assert report["fold_checkpoint"]["kind"] == "last"
     train_emb, fold_emb = np.load(folder / "train_emb.npy"), np.load(folder / "fold_train_emb.npy")
     assert fold_emb.shape == train_emb.shape and not np.allclose(fold_emb, train_emb, atol=1e-4)
     pd.testing.assert_frame_equal(pd.read_csv(folder / "fold_train_index.csv"), pd.read_csv(folder / "train_index.csv"))
-    # the fold model's vectors are exactly what stage 03 writes without refit
-    np.testing.assert_allclose(fold_emb, np.load(embed.run(embed_cfg(outputs, "train.refit=false")) / "train_emb.npy"),
+    # the fold model's vectors are exactly what stage 03 writes without refit from last.pt
+    np.testing.assert_allclose(fold_emb, np.load(embed.run(embed_cfg(outputs, "train.refit=false",
+                                                                     "embed.checkpoint=last")) / "train_emb.npy"),
                                atol=1e-5)
     assert not (folder / "fold_train_emb.npy").exists(), "stage 04 would validate on an earlier run's vectors"
     shutil.rmtree(outputs / "02_train" / "refit")
-    with pytest.raises(UserError, match=r"train.refit is true but .*refit/best.pt does not exist"):
+    with pytest.raises(UserError, match=r"train.refit is true but .*refit/best.pt does not exist: .*--resume"):
         embed.run(embed_cfg(outputs, "train.refit=true"))
 
 

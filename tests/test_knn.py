@@ -241,3 +241,17 @@ def test_rank_queries_equals_the_exhaustive_per_individual_max(k: int) -> None:
     np.testing.assert_allclose(scores, np.take_along_axis(per_id, order, axis=1), atol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(sims, best, axis=1), scores, atol=1e-5)
     assert (labels[best] == ranked).all()
+
+
+def test_transfer_threshold_keeps_the_share_of_new_individual_first() -> None:
+    """Two models rank the same 6 queries: the threshold 0.5 puts 2 of the source's top-1 scores
+    below it (and the -inf row, no candidate, a third), so the target gets the threshold that puts
+    its 3 lowest first: its 4th lowest score."""
+    source = np.array([0.2, 0.45, 0.55, 0.9, -np.inf, 0.7])
+    target = np.array([0.8, 0.6, 0.95, 0.65, 0.7, 0.99], dtype=np.float32)
+    t = knn.transfer_threshold(0.5, source, target)
+    assert t == pytest.approx(float(np.float32(0.8)))
+    assert np.count_nonzero(target.astype(np.float64) < t) == np.count_nonzero(source < 0.5) == 3
+    assert knn.transfer_threshold(0.0, source, target) == pytest.approx(float(np.float32(0.65)))  # -inf only
+    assert (target.astype(np.float64) < knn.transfer_threshold(1.0, source, target)).all()  # every query new
+    assert knn.transfer_threshold(0.5, np.array([]), target) == 0.5  # nothing to take a share from

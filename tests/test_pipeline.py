@@ -31,7 +31,6 @@ TINY = [
     "train.image_size=64",
     "train.epochs=2",
     "train.batch_size=16",
-    "train.refit=true",  # off by default (time): the all-data refit runs end to end here
     "train.workers=0",
     "embed.workers=0",
     "knn.report_queries=4",
@@ -74,7 +73,7 @@ def test_all_stages_write_their_artifacts(pipeline_run: Path) -> None:
         "02_train/last.pt",
         "02_train/metrics.csv",
         "02_train/curves.png",
-        "02_train/refit/best.pt",  # train.refit (set above): the all-data model
+        "02_train/refit/best.pt",  # train.refit, on in config.yaml: the all-data model ranks test
         "03_embed/fold_train_emb.npy",
         "03_embed/train_emb.npy",
         "03_embed/test_emb.npy",
@@ -86,6 +85,10 @@ def test_all_stages_write_their_artifacts(pipeline_run: Path) -> None:
         assert (out / rel).exists(), f"missing artifact {rel}"
     for stage in ["00_prepare", "01_crops", "02_train", "03_embed", "04_submit"]:
         assert (out / stage / "config.resolved.yaml").exists(), f"{stage} lacks its resolved config"
+    # the defaults rank test with the all-data model and validate with the fold model
+    embedded = json.loads((out / "03_embed" / "report.json").read_text())
+    assert embedded["checkpoint"]["kind"] == "refit best"
+    assert embedded["fold_checkpoint"]["kind"] == "last"  # as long trained as the refit model
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ SETS = [
     "train.epochs=8",
     "train.batch_size=16",
     "train.val_every=8",
+    "train.refit=false",  # the check reads the fold model's validation: a refit would only double the time
     "train.aug.hflip=0.0",
     "train.workers=0",
     "embed.workers=0",

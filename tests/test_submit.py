@@ -145,6 +145,42 @@ def test_refit_validates_on_the_fold_model_and_ranks_test_with_the_refit_model(t
         assert answers[img] in preds[img][:2], (img, preds[img])
 
 
+def test_refit_threshold_keeps_the_fold_models_share_of_new_individual_on_test(tmp_path: Path) -> None:
+    """Under train.refit the threshold is calibrated on the fold model's scores, but the refit model
+    ranks test. Here the fold model scores the test photos lower than the refit model does (its test
+    vectors are noisier), so its cosine threshold, applied to the refit model's scores, puts
+    new_individual first less often than it does on its own test scores. knn.refit_threshold share
+    gives the refit model's scores the fold model's share."""
+    make_artifacts(tmp_path, flip_separate=False)
+    emb_dir = tmp_path / "out" / "03_embed"
+    train_index, test_index = pd.read_csv(emb_dir / "train_index.csv"), pd.read_csv(emb_dir / "test_index.csv")
+    train_emb, test_emb = np.load(emb_dir / "train_emb.npy"), np.load(emb_dir / "test_emb.npy")
+    fold_test = knn.l2_normalize(test_emb + 0.6 * np.random.default_rng(1).standard_normal(test_emb.shape))
+    for split, emb, index in (("train", train_emb, train_index), ("test", fold_test, test_index)):
+        np.save(emb_dir / f"fold_{split}_emb.npy", emb.astype(np.float32))
+        index.to_csv(emb_dir / f"fold_{split}_index.csv", index=False)
+    report = json.loads((emb_dir / "report.json").read_text())
+    (emb_dir / "report.json").write_text(json.dumps(report | {"fold_checkpoint": {"kind": "last", "path": "f.pt"}}))
+
+    def new_first(*sets: str) -> tuple[int, dict]:
+        sub = pd.read_csv(submit.run(config(tmp_path, *sets)), dtype=str, keep_default_na=False)
+        metrics = json.loads((tmp_path / "out" / "04_submit" / "metrics.json").read_text())
+        return int((sub["predictions"].str.split().str[0] == NEW_ID).sum()), metrics
+
+    n_cosine, cosine = new_first("knn.refit_threshold=cosine")
+    n_share, share = new_first()
+    t = share["threshold"]["value"]
+    labels = train_index["image"].str.split("_").str[1].astype(int).to_numpy()
+    fold_top1 = knn.rank_individuals(train_emb, labels, fold_test, k=10, top=5, backend="faiss_cpu")[1][:, 0]
+    below = int(np.count_nonzero(fold_top1.astype(np.float64) < t))  # the fold model's new_individual-first test rows
+    assert below >= 2
+    assert n_share - n_cosine == below, "the refit model's scores must get the fold model's share"
+    assert "test_value" not in cosine["threshold"] and share["threshold"]["test_value"] > t
+    assert share["validation"] == cosine["validation"]  # the fold model validates either way
+    with pytest.raises(UserError, match="knn.refit_threshold"):
+        submit.run(config(tmp_path, "knn.refit_threshold=median"))
+
+
 @pytest.mark.parametrize("sets", [
     ["knn.new_mode=share", "knn.new_share=0.3"],
     ["knn.new_mode=fixed", "knn.new_threshold=2.0"],

@@ -87,6 +87,7 @@ def make_tiny_outputs(root: Path) -> Path:
 TINY_SETS = [
     "model.pretrained=none", "model.embedding_size=32", "train.image_size=32", "train.batch_size=8",
     "train.workers=0", "train.epochs=1", "train.warmup_epochs=0", "knn.backend=torch", "loss.k=2",
+    "train.refit=false",  # config.yaml's default: tests that want the all-data refit say so
 ]
 
 
@@ -431,6 +432,37 @@ if rt.main:
     torch.save(result, sys.argv[2])
 torch.distributed.destroy_process_group()
 """
+
+
+def test_a_kill_during_the_refit_leaves_stage_02_unfinished_and_resume_finishes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """02_train/report.json (the Makefile's target, and what stage 03 takes for a finished stage 02)
+    is written only after the refit: a kill during the refit leaves none, so `make` trains again
+    and stage 03 names --resume; --resume keeps the fold run and trains the refit."""
+    outputs = make_tiny_outputs(tmp_path / "outputs")
+    cfg = tiny_cfg(outputs, "train.refit=true", "train.epochs=2")
+    run_one = train._run
+
+    def killed_in_refit(run_cfg, resume, rt, out):
+        if out.name == train.REFIT_DIR:
+            raise KeyboardInterrupt  # as Ctrl-C or a kill before the refit's first epoch ends
+        return run_one(run_cfg, resume, rt, out)
+
+    monkeypatch.setattr(train, "_run", killed_in_refit)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    folder = outputs / "02_train"
+    assert (folder / "last.pt").is_file() and not (folder / "report.json").exists()
+    for refit in (True, False):  # neither model is taken for finished
+        with pytest.raises(UserError, match="--resume"):
+            checkpoint_path(tiny_cfg(outputs, f"train.refit={str(refit).lower()}"), refit=refit)
+    fold_model = (folder / "last.pt").read_bytes()
+    monkeypatch.setattr(train, "_run", run_one)
+    train.run(cfg, resume=True)
+    assert (folder / "last.pt").read_bytes() == fold_model, "--resume retrained the finished fold run"
+    assert json.loads((folder / "report.json").read_text())["resumed_from_epoch"] == 2
+    assert json.loads((folder / "refit" / "report.json").read_text())["fold"] == -1
+    assert checkpoint_path(cfg, refit=True) == folder / "refit" / "best.pt"
 
 
 @pytest.mark.slow

@@ -9,8 +9,10 @@ embeds a strided shard and rank 0 gathers the shards and writes every file.
 
 With `train.refit` (stage 02 trained an all-data model in 02_train/refit), the refit model embeds
 the train and test images (train_emb.npy, test_emb.npy: what stage 04 ranks the test images
-with), and the fold model embeds the train images once more (fold_train_emb.npy): stage 04
-validates and calibrates on those, since the refit model has trained on the fold.
+with), and the fold model embeds every image once more (fold_train_emb.npy, fold_test_emb.npy):
+stage 04 validates and calibrates on its train vectors, since the refit model has trained on the
+fold, and carries the threshold over to the refit model's scores with its test vectors. That fold
+model is the fold run's last.pt, trained as long as the refit model.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from whaleid.catalogue import load_catalogue, load_encoders
-from whaleid.config import Config, config_from_dict
+from whaleid.config import Config, config_from_dict, deep_merge
 from whaleid.dataset import CropDataset, eval_transform
 from whaleid.distributed import Runtime, embed_sharded, init_runtime
 from whaleid.errors import UserError
@@ -55,7 +57,7 @@ CROPS_COLUMNS = ("image", "split", "source", "crop_path")
 NAMED_CHECKPOINTS = ("best", "last")
 MERGES = ("average", "separate")
 LOGIT_CHUNK = 4096
-FOLD_FILES = ("fold_train_emb.npy", "fold_train_index.csv")
+FOLD_FILES = ("fold_train_emb.npy", "fold_train_index.csv", "fold_test_emb.npy", "fold_test_index.csv")
 
 
 @dataclass
@@ -87,8 +89,9 @@ def checkpoint_path(cfg: Config, refit: bool = False) -> Path | None:
         if refit:
             path = folder / REFIT_DIR / f"{name}.pt"
             if not path.is_file():
-                raise UserError(f"train.refit is true but {path} does not exist: rerun 02_train_arcface.py "
-                                "with train.refit true, or set train.refit false")
+                raise UserError(f"train.refit is true but {path} does not exist: the refit run has not trained "
+                                "an epoch. Train it with `python 02_train_arcface.py --resume` (the finished fold "
+                                "run is kept), or set train.refit false to embed with the fold model")
         else:
             path = require(folder / f"{name}.pt", "02_train_arcface.py")
         if not (path.parent / "report.json").is_file():
@@ -101,6 +104,11 @@ def checkpoint_path(cfg: Config, refit: bool = False) -> Path | None:
     if not path.is_file():
         raise UserError(f"embed.checkpoint {name!r} is neither best, last, untrained nor an existing file")
     return path
+
+
+def fold_stand_in(cfg: Config) -> Config:
+    """`cfg` with embed.checkpoint `last`: the fold model that validates for a refit model."""
+    return config_from_dict(deep_merge(cfg.to_dict(), {"embed": {"checkpoint": "last"}}))
 
 
 def load_model(cfg: Config, refit: bool = False) -> Loaded:
@@ -335,15 +343,19 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     start = time.time()
     refit = uses_refit(cfg)
     loaded = load_model(cfg, refit=refit)
-    fold_model = load_model(cfg) if refit else None
+    # The fold model stands in for the refit model in validation and calibration, so it is the fold
+    # run's last epoch: as long trained as the refit model, whose best.pt is its last (it has no
+    # validation to pick by). An earlier epoch that validated better would calibrate the threshold
+    # on another model's scores.
+    fold_model = load_model(fold_stand_in(cfg)) if refit else None
     stale = check_checkpoint_inputs(cfg, loaded) if rt.main else []
     all_rows, counts = crop_rows(cfg)
     if all_rows.empty:
         raise UserError(f"no crop of a catalogue image to embed: rerun {CROP_MADE_BY}")
     rows, emb, n_crops, seconds = _embed_rows(cfg, rt, loaded, all_rows)
-    if fold_model is not None:  # the train images once more, with the fold model, for stage 04's validation
-        train_rows = all_rows[all_rows["split"] == "train"].reset_index(drop=True)
-        fold_rows, fold_emb, n_fold, fold_seconds = _embed_rows(cfg, rt, fold_model, train_rows)
+    if fold_model is not None:  # every image once more, with the fold model: stage 04 validates and
+        # calibrates on its train vectors, and its test vectors carry the threshold over to the refit model
+        fold_rows, fold_emb, n_fold, fold_seconds = _embed_rows(cfg, rt, fold_model, all_rows)
         n_crops, seconds = n_crops + n_fold, seconds + fold_seconds
     out = stage_dir(cfg, "embed")
     if not rt.main:
@@ -355,7 +367,8 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     for split in ("train", "test"):
         _write_split(out, "", rows, emb, split)
     if fold_model is not None:
-        _write_split(out, "fold_", fold_rows, fold_emb, "train")
+        for split in ("train", "test"):
+            _write_split(out, "fold_", fold_rows, fold_emb, split)
     else:
         for name in FOLD_FILES:  # those of an earlier refit run would be read as this run's
             (out / name).unlink(missing_ok=True)
@@ -365,7 +378,8 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     # the train images' logits by the model stage 04 validates with, so that it calibrates the
     # new_individual threshold on blended scores as the test images will have them
     if fold_model is not None:
-        _write_logits(out, "train_logits.npz", fold_model, fold_rows, fold_emb, k)
+        fold_train = (fold_rows["split"] == "train").to_numpy()
+        _write_logits(out, "train_logits.npz", fold_model, fold_rows[fold_train], fold_emb[fold_train], k)
     else:
         _write_logits(out, "train_logits.npz", loaded, rows[~test], emb[~test], k)
     report = {

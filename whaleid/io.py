@@ -31,7 +31,8 @@ STAGE_DIRS = {
 }
 # What stage 03 writes for stage 04; its report.json records their digests (`check_outputs`).
 EMBED_FILES = ("train_emb.npy", "train_index.csv", "test_emb.npy", "test_index.csv",
-               "fold_train_emb.npy", "fold_train_index.csv", "test_logits.npz", "train_logits.npz")
+               "fold_train_emb.npy", "fold_train_index.csv", "fold_test_emb.npy", "fold_test_index.csv",
+               "test_logits.npz", "train_logits.npz")
 
 
 @contextmanager

@@ -348,6 +348,15 @@ def threshold_for_share(top1_scores: np.ndarray, share: float) -> float:
     return float(top1[n_new]) if np.isfinite(top1[n_new]) else -float(np.finfo(np.float32).max)
 
 
+def transfer_threshold(threshold: float, source_top1: np.ndarray, target_top1: np.ndarray) -> float:
+    """The threshold on `target` scores that puts new_individual first for the same share of
+    queries as `threshold` does on `source` scores (two models ranking the same queries; -inf,
+    no candidate, counts as new on either side)."""
+    source = np.asarray(source_top1, dtype=np.float64)
+    if source.size == 0:
+        return float(threshold)
+    return threshold_for_share(target_top1, float(np.count_nonzero(source < threshold)) / source.size)
+
 
 def calibrate_per_group(
     labels: np.ndarray,

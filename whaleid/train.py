@@ -24,7 +24,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -558,12 +558,16 @@ def run(cfg: Config, resume: bool = False) -> Path:
     try:
         if rt.main and refit_out.exists() and not (resume and refit_active(cfg)):
             shutil.rmtree(refit_out)  # a refit model of an earlier run would not match this run's fold model
-        _run(cfg, resume, rt, out)
+        # With the refit, the fold run's report.json (what the Makefile's target and stage 03 take
+        # for "stage 02 finished") is written only once the refit has finished too: a kill during
+        # the refit then leaves no report, and `make` trains again instead of moving on to stage 03.
+        finish_fold = _run(cfg, resume, rt, out)
         if refit_active(cfg):
             if rt.main:
                 print(f"refit: training the same recipe again on every train image (fold {cfg.prepare.fold} "
                       f"included) -> {refit_out}", flush=True)
-            _run(refit_config(cfg), resume and (refit_out / "last.pt").exists(), rt, refit_out)
+            _run(refit_config(cfg), resume and (refit_out / "last.pt").exists(), rt, refit_out)()
+        finish_fold()
         return out
     finally:
         if rt.world > 1:
@@ -595,7 +599,9 @@ def prepare_model(cfg: Config, rt: Runtime, splits: Splits, encoders: dict) -> t
     return model, heads, net
 
 
-def _run(cfg: Config, resume: bool, rt: Runtime, out: Path) -> Path:
+def _run(cfg: Config, resume: bool, rt: Runtime, out: Path) -> Callable[[], None]:
+    """Train one run into `out`; returns the call that writes its report.json (rank 0), which
+    says the run finished."""
     t0 = time.perf_counter()
     seed_everything(cfg.seed + rt.rank)
     stale = check_fresh(Path(cfg.paths.outputs) / "01_crops" / "report.json", "01_detect_crop.py") if rt.main else []
@@ -642,9 +648,13 @@ def _run(cfg: Config, resume: bool, rt: Runtime, out: Path) -> Path:
         if rt.main:
             _write_epoch(out, history, checkpoint_dict(cfg, model, heads, encoders, splits, epoch, optimizer, scheduler, best, threshold), improved)
             print(_epoch_line(history[-1]), flush=True)
-    if rt.main:
-        _write_report(cfg, out, splits, history, rt, time.perf_counter() - t0, best, threshold, start_epoch, stale, imprinted)
-    return out
+    seconds = time.perf_counter() - t0
+
+    def finish() -> None:
+        if rt.main:
+            _write_report(cfg, out, splits, history, rt, seconds, best, threshold, start_epoch, stale, imprinted)
+
+    return finish
 
 
 def _resume(
