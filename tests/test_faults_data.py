@@ -181,13 +181,23 @@ def test_stage_03_with_refit_embeds_with_both_models_and_names_a_missing_refit(
     train_emb, fold_emb = np.load(folder / "train_emb.npy"), np.load(folder / "fold_train_emb.npy")
     assert fold_emb.shape == train_emb.shape and not np.allclose(fold_emb, train_emb, atol=1e-4)
     pd.testing.assert_frame_equal(pd.read_csv(folder / "fold_train_index.csv"), pd.read_csv(folder / "train_index.csv"))
+    fold_test = np.load(folder / "fold_test_emb.npy")  # for stage 04's share transfer of the threshold
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "fold_test_index.csv"), pd.read_csv(folder / "test_index.csv"))
     # the fold model's vectors are exactly what stage 03 writes without refit from last.pt
-    np.testing.assert_allclose(fold_emb, np.load(embed.run(embed_cfg(outputs, "train.refit=false",
-                                                                     "embed.checkpoint=last")) / "train_emb.npy"),
-                               atol=1e-5)
-    assert not (folder / "fold_train_emb.npy").exists(), "stage 04 would validate on an earlier run's vectors"
+    alone = embed.run(embed_cfg(outputs, "train.refit=false", "embed.checkpoint=last"))
+    np.testing.assert_allclose(fold_emb, np.load(alone / "train_emb.npy"), atol=1e-5)
+    np.testing.assert_allclose(fold_test, np.load(alone / "test_emb.npy"), atol=1e-5)
+    for name in ("fold_train_emb.npy", "fold_test_emb.npy"):
+        assert not (folder / name).exists(), f"stage 04 would read an earlier run's {name}"
+    # knn.refit_threshold cosine: stage 04 reads no fold test vectors, so none are made (nor left)
+    embed.run(embed_cfg(outputs, "train.refit=true"))
+    folder = embed.run(embed_cfg(outputs, "train.refit=true", "knn.refit_threshold=cosine"))
+    assert (folder / "fold_train_emb.npy").exists() and not (folder / "fold_test_emb.npy").exists()
     shutil.rmtree(outputs / "02_train" / "refit")
-    with pytest.raises(UserError, match=r"train.refit is true but .*refit/best.pt does not exist: .*--resume"):
+    with pytest.raises(UserError, match=r"refit/best.pt does not exist: the refit run has not trained an epoch.*--resume"):
+        embed.run(embed_cfg(outputs, "train.refit=true"))
+    (outputs / "02_train" / "report.json").unlink()  # the fold run did not finish either
+    with pytest.raises(UserError, match=r"refit/best.pt does not exist: stage 02 did not finish.*--resume"):
         embed.run(embed_cfg(outputs, "train.refit=true"))
 
 

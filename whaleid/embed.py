@@ -89,9 +89,11 @@ def checkpoint_path(cfg: Config, refit: bool = False) -> Path | None:
         if refit:
             path = folder / REFIT_DIR / f"{name}.pt"
             if not path.is_file():
-                raise UserError(f"train.refit is true but {path} does not exist: the refit run has not trained "
-                                "an epoch. Train it with `python 02_train_arcface.py --resume` (the finished fold "
-                                "run is kept), or set train.refit false to embed with the fold model")
+                state = ("the refit run has not trained an epoch. Train it with `python 02_train_arcface.py "
+                         "--resume` (the finished fold run is kept)" if (folder / "report.json").is_file() else
+                         "stage 02 did not finish. Finish it with `python 02_train_arcface.py --resume`")
+                raise UserError(f"train.refit is true but {path} does not exist: {state}, with train.refit true; "
+                                "or set train.refit false to embed with the fold model")
         else:
             path = require(folder / f"{name}.pt", "02_train_arcface.py")
         if not (path.parent / "report.json").is_file():
@@ -353,9 +355,11 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     if all_rows.empty:
         raise UserError(f"no crop of a catalogue image to embed: rerun {CROP_MADE_BY}")
     rows, emb, n_crops, seconds = _embed_rows(cfg, rt, loaded, all_rows)
-    if fold_model is not None:  # every image once more, with the fold model: stage 04 validates and
+    if fold_model is not None:  # the images once more, with the fold model: stage 04 validates and
         # calibrates on its train vectors, and its test vectors carry the threshold over to the refit model
-        fold_rows, fold_emb, n_fold, fold_seconds = _embed_rows(cfg, rt, fold_model, all_rows)
+        # (knn.refit_threshold share; with cosine, the train images only)
+        fold_input = all_rows if cfg.knn.refit_threshold == "share" else all_rows[all_rows["split"] == "train"]
+        fold_rows, fold_emb, n_fold, fold_seconds = _embed_rows(cfg, rt, fold_model, fold_input.reset_index(drop=True))
         n_crops, seconds = n_crops + n_fold, seconds + fold_seconds
     out = stage_dir(cfg, "embed")
     if not rt.main:
@@ -367,8 +371,12 @@ def _run(cfg: Config, rt: Runtime) -> Path:
     for split in ("train", "test"):
         _write_split(out, "", rows, emb, split)
     if fold_model is not None:
-        for split in ("train", "test"):
-            _write_split(out, "fold_", fold_rows, fold_emb, split)
+        _write_split(out, "fold_", fold_rows, fold_emb, "train")
+        if cfg.knn.refit_threshold == "share":
+            _write_split(out, "fold_", fold_rows, fold_emb, "test")
+        else:  # an earlier run's would be read as this run's
+            for name in ("fold_test_emb.npy", "fold_test_index.csv"):
+                (out / name).unlink(missing_ok=True)
     else:
         for name in FOLD_FILES:  # those of an earlier refit run would be read as this run's
             (out / name).unlink(missing_ok=True)

@@ -259,20 +259,24 @@ def choose_threshold(cfg: Config, val: dict | None, test_top1: np.ndarray, repor
 
 
 def refit_threshold(cfg: Config, threshold: Threshold, emb: Embeddings, catalogue: pd.DataFrame,
-                    test_top1: np.ndarray, calibrated: bool, rescored: bool) -> Threshold:
+                    test_top1: np.ndarray, calibrated: bool, rescored: bool, blended: bool) -> Threshold:
     """The threshold for the test ranking. Under train.refit it was calibrated on the fold model's
     scores, but the refit model ranks test, and it scores higher (it has trained on more photos
     and on the fold's own animals). With knn.refit_threshold `share`, the fold model ranks the test
     images too, and each threshold becomes the one that puts new_individual first for the same
-    share of them on the refit model's scores (demo: `new` 0.70-0.81 -> 0.85-0.86 on folds 0-2)."""
-    if emb.fold_test is None or not calibrated or cfg.knn.refit_threshold == "cosine":
+    share of them on the refit model's scores (demo: `new` 0.70-0.81 -> 0.85-0.86 on folds 0-2).
+    Per-species thresholds move by the share over all test images, not per species."""
+    if emb.fold_train is None or not calibrated or cfg.knn.refit_threshold == "cosine":
         return threshold
-    if rescored or cfg.knn.logit_weight > 0:
+    if rescored or blended:
         why = "re-ranked" if rescored else "logit-blended"
         print(f"note: knn.refit_threshold share compares kNN cosines and these scores are {why}; the fold "
               "model's threshold is applied as it is")
-        return Threshold(threshold.value, threshold.how + f"; applied as it is to the refit model's {why} scores",
-                         threshold.per_species)
+        return threshold
+    if emb.fold_test is None:
+        print(f"note: knn.refit_threshold share needs fold_test_emb.npy, which {EMBED_MADE_BY} did not write (an "
+              "earlier version, or knn.refit_threshold cosine then); the fold model's threshold is applied as it is")
+        return threshold
     fold_rows = _train_lookup(catalogue, emb.fold_train_index["image"], "fold_train_index.csv")
     fold = rank(emb.fold_train, fold_rows["label"].to_numpy(), np.arange(len(emb.fold_train)), emb.fold_test,
                 emb.fold_test_index["image"].to_numpy(), cfg, 5)
@@ -831,7 +835,8 @@ def run(cfg: Config) -> Path:
         metrics["validation"] = _validation_metrics(val, threshold, id_names, cfg.prepare.fold)
 
     test_threshold = refit_threshold(cfg, threshold, emb, catalogue, scores[:, 0],
-                                     cfg.knn.new_mode == "calibrate" and val is not None, ranked.rescored)
+                                     cfg.knn.new_mode == "calibrate" and val is not None, ranked.rescored,
+                                     str(ranked.notes["logit_blend"]).startswith("on"))
     if test_threshold is not threshold:
         metrics["threshold"] |= {"test_value": test_threshold.value, "test_how": test_threshold.how}
         if test_threshold.per_species:
