@@ -258,14 +258,15 @@ def choose_threshold(cfg: Config, val: dict | None, test_top1: np.ndarray, repor
     return Threshold(value, how, table)
 
 
-def refit_threshold(cfg: Config, threshold: Threshold, emb: Embeddings, catalogue: pd.DataFrame,
-                    test_top1: np.ndarray, calibrated: bool, rescored: bool, blended: bool) -> Threshold:
+def refit_threshold(cfg: Config, threshold: Threshold, emb: Embeddings, val: dict | None,
+                    test_top1: np.ndarray, rescored: bool, blended: bool) -> Threshold:
     """The threshold for the test ranking. Under train.refit it was calibrated on the fold model's
     scores, but the refit model ranks test, and it scores higher (it has trained on more photos
     and on the fold's own animals). With knn.refit_threshold `share`, the fold model ranks the test
     images too, and each threshold becomes the one that puts new_individual first for the same
     share of them on the refit model's scores (demo: `new` 0.70-0.81 -> 0.85-0.86 on folds 0-2).
     Per-species thresholds move by the share over all test images, not per species."""
+    calibrated = cfg.knn.new_mode == "calibrate" and val is not None
     if emb.fold_train is None or not calibrated or cfg.knn.refit_threshold == "cosine":
         return threshold
     if rescored or blended:
@@ -277,8 +278,8 @@ def refit_threshold(cfg: Config, threshold: Threshold, emb: Embeddings, catalogu
         print(f"note: knn.refit_threshold share needs fold_test_emb.npy, which {EMBED_MADE_BY} did not write (an "
               "earlier version, or knn.refit_threshold cosine then); the fold model's threshold is applied as it is")
         return threshold
-    fold_rows = _train_lookup(catalogue, emb.fold_train_index["image"], "fold_train_index.csv")
-    fold = rank(emb.fold_train, fold_rows["label"].to_numpy(), np.arange(len(emb.fold_train)), emb.fold_test,
+    # the validation's gallery: the fold model's train vectors and their catalogue rows (`rank_all`)
+    fold = rank(val["emb"], val["rows"]["label"].to_numpy(), np.arange(len(val["emb"])), emb.fold_test,
                 emb.fold_test_index["image"].to_numpy(), cfg, 5)
     source = fold.scores[:, 0]
 
@@ -834,8 +835,7 @@ def run(cfg: Config) -> Path:
     if val is not None:
         metrics["validation"] = _validation_metrics(val, threshold, id_names, cfg.prepare.fold)
 
-    test_threshold = refit_threshold(cfg, threshold, emb, catalogue, scores[:, 0],
-                                     cfg.knn.new_mode == "calibrate" and val is not None, ranked.rescored,
+    test_threshold = refit_threshold(cfg, threshold, emb, val, scores[:, 0], ranked.rescored,
                                      str(ranked.notes["logit_blend"]).startswith("on"))
     if test_threshold is not threshold:
         metrics["threshold"] |= {"test_value": test_threshold.value, "test_how": test_threshold.how}
