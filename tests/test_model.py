@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import cv2
@@ -325,3 +326,27 @@ def test_train_transform_shear_is_the_only_geometric_change_when_set_alone() -> 
     # the bar's centre moves between the top and the bottom rows when x is sheared by up to 25 degrees
     shifts = [abs(np.argmax(t[4]) - np.argmax(t[-5])) for t in tilted]
     assert max(shifts) > 4
+
+
+class _SlowItems(torch.utils.data.Dataset):
+    """Four 2x2 images, each taking `delay` seconds to load."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        time.sleep(self.delay)
+        return torch.full((3, 2, 2), index + 1, dtype=torch.uint8), index
+
+
+def test_embed_stats_separate_the_first_batch_from_the_whole_call() -> None:
+    """`stats` times the wait for the first batch (here two slow items) apart from the whole call
+    (two batches), and asking for them changes no embedding."""
+    cpu, stats = torch.device("cpu"), {}
+    out = embed_dataset(_Pixels(), _SlowItems(0.1), 2, 0, cpu, stats=stats)
+    np.testing.assert_array_equal(out, embed_dataset(_Pixels(), _SlowItems(0.0), 2, 0, cpu))
+    assert stats["first_batch_s"] >= 0.2 and stats["seconds"] - stats["first_batch_s"] >= 0.2
+    assert stats["seconds"] < 2.0

@@ -76,6 +76,7 @@ def embed_dataset(
     shift: int = 0,
     features: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalize: bool = True,
+    stats: dict | None = None,
 ) -> np.ndarray:
     """L2-normalised float32 embeddings in dataset order: (N, D), or (N, 2, D) for flip="separate".
 
@@ -85,7 +86,10 @@ def embed_dataset(
     crops `shifted_crops` cuts (centre and corners), renormalised. `features` replaces `model`'s
     forward (e.g. `model.pooled`, the backbone features without the neck); normalize=False returns
     its outputs as they are (flip "none" and shift 0 only: there is nothing to average). The model
-    is left in eval mode.
+    is left in eval mode. A `stats` dict receives `first_batch_s` (from the call to the first batch
+    out of the loader: worker start and one worker assembling a whole batch) and `seconds` (the
+    whole call, the device's work included), so a benchmark can tell that fixed start from the
+    steady rate.
     """
     if flip not in FLIPS:
         raise UserError(f"unknown flip mode {flip!r}; valid: {list(FLIPS)}")
@@ -102,7 +106,9 @@ def embed_dataset(
     out: list[torch.Tensor] = []
     start, seen = time.perf_counter(), 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    first = None
     for images, *_ in bar:
+        first = time.perf_counter() - start if first is None else first
         x = images.to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         views = []
@@ -123,9 +129,13 @@ def embed_dataset(
             batch = torch.stack(views, dim=1)
         else:
             batch = views[0]
-        out.append(batch.cpu())
+        # Kept on the device: a .cpu() here would wait for this batch's kernels, so the host could
+        # not queue the next batch's copy and kernels while the GPU still computes.
+        out.append(batch)
         seen += len(x)
         bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.0f}")
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(out).numpy().astype(np.float32, copy=False)
+    result = (torch.cat(out).cpu().numpy().astype(np.float32, copy=False) if out
+              else np.zeros((0, 0), dtype=np.float32))
+    if stats is not None:  # after the .cpu() above, which waits for the device's last batch
+        stats.update(first_batch_s=first or 0.0, seconds=time.perf_counter() - start)
+    return result
