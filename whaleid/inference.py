@@ -21,6 +21,12 @@ from whaleid.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 FLIPS = ("none", "average", "separate")
+# Embeddings wait on the device until this many bytes have gathered, then go to the host in one
+# copy: a copy after every batch would wait for that batch's kernels, so the host could not queue
+# the next batch meanwhile. 512-d float32 vectors fill it at ~130,000 images (one wait per pass);
+# wide outputs (a flattened feature map, ~200 KB an image) every few batches, so the device never
+# holds more than this much of them.
+DEVICE_BUFFER_BYTES = 256 * 2**20
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,10 +92,10 @@ def embed_dataset(
     crops `shifted_crops` cuts (centre and corners), renormalised. `features` replaces `model`'s
     forward (e.g. `model.pooled`, the backbone features without the neck); normalize=False returns
     its outputs as they are (flip "none" and shift 0 only: there is nothing to average). The model
-    is left in eval mode. A `stats` dict receives `first_batch_s` (from the call to the first batch
-    out of the loader: worker start and one worker assembling a whole batch) and `seconds` (the
-    whole call, the device's work included), so a benchmark can tell that fixed start from the
-    steady rate.
+    is left in eval mode. A `stats` dict receives `first_batch_s` (from the loader's creation to its
+    first batch: worker start and one worker assembling a whole batch) and `seconds` (from the
+    loader's creation to the embeddings on the host, the device's work included), so a benchmark
+    can tell that fixed start from the steady rate.
     """
     if flip not in FLIPS:
         raise UserError(f"unknown flip mode {flip!r}; valid: {list(FLIPS)}")
@@ -103,12 +109,15 @@ def embed_dataset(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=cuda, persistent_workers=False,
     )
-    out: list[torch.Tensor] = []
+    out: list[torch.Tensor] = []  # on the host
+    pending: list[torch.Tensor] = []  # on the device, up to DEVICE_BUFFER_BYTES
+    pending_bytes = 0
     start, seen = time.perf_counter(), 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
     first = None
     for images, *_ in bar:
-        first = time.perf_counter() - start if first is None else first
+        if first is None:
+            first = time.perf_counter() - start
         x = images.to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         views = []
@@ -129,12 +138,17 @@ def embed_dataset(
             batch = torch.stack(views, dim=1)
         else:
             batch = views[0]
-        # Kept on the device: a .cpu() here would wait for this batch's kernels, so the host could
-        # not queue the next batch's copy and kernels while the GPU still computes.
-        out.append(batch)
+        pending.append(batch)
+        pending_bytes += batch.numel() * batch.element_size()
+        if pending_bytes >= DEVICE_BUFFER_BYTES:
+            out.append(torch.cat(pending).cpu())
+            pending, pending_bytes = [], 0
         seen += len(x)
+        # on CUDA the rate of batches queued, which runs at most a few batches ahead of the device
         bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.0f}")
-    result = (torch.cat(out).cpu().numpy().astype(np.float32, copy=False) if out
+    if pending:
+        out.append(torch.cat(pending).cpu())
+    result = (torch.cat(out).numpy().astype(np.float32, copy=False) if out
               else np.zeros((0, 0), dtype=np.float32))
     if stats is not None:  # after the .cpu() above, which waits for the device's last batch
         stats.update(first_batch_s=first or 0.0, seconds=time.perf_counter() - start)
