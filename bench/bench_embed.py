@@ -33,7 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 from whaleid.config import load_config  # noqa: E402
 from whaleid.dataset import CropDataset, eval_transform  # noqa: E402
-from whaleid.inference import bf16_inference, embed_dataset, resolve_device  # noqa: E402
+from whaleid.inference import (  # noqa: E402
+    bf16_inference,
+    chunk_loader,
+    device_batches,
+    embed_dataset,
+    loader_chunk,
+    resolve_device,
+)
 from whaleid.io import write_text  # noqa: E402
 from whaleid.model import build_model  # noqa: E402
 
@@ -105,10 +112,10 @@ def loader_only(paths: list[str], args: argparse.Namespace, device: torch.device
     speed, the loader is what holds stage 03 back; when it is far above, the overlap is."""
     dataset = CropDataset(paths, transform=eval_transform(args.image_size))
     cuda = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=cuda)
+    loader = chunk_loader(dataset, args.batch_size, args.workers, pin_memory=cuda)  # as stage 03's
     start = time.perf_counter()
-    for images, *_ in loader:
-        images.to(device, non_blocking=True)
+    for _ in device_batches(loader, device, args.batch_size):
+        pass
     if cuda:
         torch.cuda.synchronize()
     return len(paths) / (time.perf_counter() - start)
@@ -170,15 +177,16 @@ def main() -> None:
         f"batch {args.batch_size}, flip TTA {args.flip}, {args.workers} loader workers, device {device}; {source}; "
         f"best of {args.repeats} alternated runs per row.\n",
         "real: disk -> CropDataset -> DataLoader -> embed_dataset, the whole call; after 1st batch: the same run "
-        "less its wait for the first batch out of the loader (the loader's start, worker processes and one worker "
-        "assembling a whole batch, is paid once per pass: stage 03 embeds train and test in one pass per model), "
+        "less its wait for the first batch (the loader's start, worker processes and a chunk from each, "
+        "is paid once per pass: stage 03 embeds train and test in one pass per model), "
         "from the same run; "
         "bare: forward loop on random device tensors.\n",
         "| precision | real images/s | after 1st batch | bare images/s | real / bare | after 1st / bare |",
         "|---|---:|---:|---:|---:|---:|",
         *rows,
     ]
-    lines.append(f"\nLoader alone (disk -> CropDataset -> DataLoader -> device, no model, same workers): "
+    lines.append(f"\nLoader alone (disk -> CropDataset -> DataLoader in chunks of "
+                 f"{loader_chunk(args.batch_size, args.workers)} -> device batches, no model, same workers): "
                  f"{loader:.1f} images/s.")
     if len(precisions) > 1:
         lines.append(f"\nbf16 / float32, real path: {real['bf16 autocast'] / real['float32']:.2f}x "

@@ -14,7 +14,7 @@ from whaleid import inference
 from whaleid.config import load_config
 from whaleid.dataset import CropDataset, eval_transform, train_transform
 from whaleid.errors import UserError
-from whaleid.inference import bf16_inference, embed_dataset, shifted_crops
+from whaleid.inference import bf16_inference, device_batches, embed_dataset, loader_chunk, shifted_crops
 from whaleid.io import torch_save
 from whaleid.losses import build_heads
 from whaleid.model import GeM, build_model, load_checkpoint
@@ -364,6 +364,38 @@ def test_embeddings_leave_the_device_in_order_whatever_the_buffer(monkeypatch: p
         np.testing.assert_allclose(out, expected, rtol=1e-6)
         raw = embed_dataset(_Pixels(), _SlowItems(0.0), 1, 0, cpu, normalize=False)
         np.testing.assert_array_equal(raw[:, 0], [1, 2, 3, 4])  # the order of the dataset
+
+
+def test_loader_chunks_are_joined_into_the_batches_a_whole_batch_loader_gives() -> None:
+    assert [loader_chunk(256, w) for w in (0, 1, 2, 14, 300)] == [256, 256, 128, 19, 1]
+    chunks = [(torch.arange(a, b), None) for a, b in ((0, 3), (3, 6), (6, 9), (9, 10))]
+    batches = list(device_batches(chunks, torch.device("cpu"), 4))
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b.tolist() for b in device_batches(chunks, torch.device("cpu"), 3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert list(device_batches([], torch.device("cpu"), 4)) == []
+
+
+def test_embed_dataset_loads_chunks_and_embeds_whole_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With workers, the loader hands out chunks of loader_chunk images, and the model still sees
+    batches of batch_size, so the embeddings equal a single-process run's."""
+    sizes, seen = [], []
+    real_loader = inference.DataLoader
+
+    def recording_loader(dataset, batch_size, **kw):
+        sizes.append(batch_size)
+        return real_loader(dataset, batch_size=batch_size, **kw)
+
+    class Recording(_Pixels):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(len(x))
+            return super().forward(x)
+
+    monkeypatch.setattr(inference, "DataLoader", recording_loader)
+    cpu = torch.device("cpu")
+    one = embed_dataset(Recording(), _SlowItems(0.0), 3, 0, cpu, normalize=False)
+    two = embed_dataset(Recording(), _SlowItems(0.0), 3, 2, cpu, normalize=False)
+    np.testing.assert_array_equal(two, one)
+    assert sizes == [3, 2] and seen == [3, 1, 3, 1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -58,6 +58,41 @@ def bf16_inference(device: torch.device, amp: bool = True) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
+def loader_chunk(batch_size: int, workers: int) -> int:
+    """Images a loader worker assembles at a time: about batch_size / workers, so that the first
+    model batch waits for one such chunk from each worker, in parallel, instead of for one worker
+    assembling a whole batch (1.45 s of a 10.8 s pass on an H100 at batch 256 with 14 workers)."""
+    return batch_size if workers <= 1 else -(-batch_size // workers)
+
+
+def chunk_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of `loader_chunk` images an item, in dataset order, for `device_batches`."""
+    chunk = loader_chunk(batch_size, workers)
+    return DataLoader(
+        dataset, batch_size=chunk, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=False,
+        # as many images queued ahead as whole batches of two per worker would hold
+        **({"prefetch_factor": 2 * -(-batch_size // chunk)} if workers > 0 else {}),
+    )
+
+
+def device_batches(chunks: Iterable, device: torch.device, batch_size: int) -> Iterator[torch.Tensor]:
+    """The loader's chunks of images, copied to `device` and joined into batches of `batch_size` in
+    dataset order (the last may be shorter): the batches a loader of that batch size would give."""
+    parts: list[torch.Tensor] = []
+    have = 0
+    for images, *_ in chunks:
+        parts.append(images.to(device, non_blocking=True))
+        have += len(images)
+        while have >= batch_size:
+            joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+            yield joined[:batch_size]
+            rest = joined[batch_size:]
+            parts, have = ([rest] if len(rest) else []), len(rest)
+    if have:
+        yield parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def shifted_crops(x: torch.Tensor, shift: int) -> list[torch.Tensor]:
     """The five (H - 2 shift)-px crops of a batch: centre, then the four corners ([x] for shift 0)."""
     if shift <= 0:
@@ -92,8 +127,9 @@ def embed_dataset(
     crops `shifted_crops` cuts (centre and corners), renormalised. `features` replaces `model`'s
     forward (e.g. `model.pooled`, the backbone features without the neck); normalize=False returns
     its outputs as they are (flip "none" and shift 0 only: there is nothing to average). The model
-    is left in eval mode. A `stats` dict receives `first_batch_s` (from the loader's creation to its
-    first batch: worker start and one worker assembling a whole batch) and `seconds` (from the
+    is left in eval mode. Loader workers assemble chunks of `loader_chunk` images, joined on the
+    device into the model's batches. A `stats` dict receives `first_batch_s` (from the loader's
+    creation to the first model batch: worker start and a chunk from each worker) and `seconds` (from the
     loader's creation to the embeddings on the host, the device's work included), so a benchmark
     can tell that fixed start from the steady rate.
     """
@@ -105,20 +141,16 @@ def embed_dataset(
     cuda = device.type == "cuda"
     bf16 = bf16_inference(device, amp)
     model.eval().to(device, memory_format=torch.channels_last)  # faster on CUDA and on the CPU (oneDNN)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=cuda, persistent_workers=False,
-    )
+    loader = chunk_loader(dataset, batch_size, workers, pin_memory=cuda)
     out: list[torch.Tensor] = []  # on the host
     pending: list[torch.Tensor] = []  # on the device, up to DEVICE_BUFFER_BYTES
     pending_bytes = 0
     start, seen = time.perf_counter(), 0
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, unit="chunk", leave=False, dynamic_ncols=True)
     first = None
-    for images, *_ in bar:
+    for x in device_batches(bar, device, batch_size):
         if first is None:
             first = time.perf_counter() - start
-        x = images.to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         views = []
         for flipped in (False, True) if flip != "none" else (False,):
