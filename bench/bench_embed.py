@@ -91,8 +91,7 @@ def real_path(model: torch.nn.Module, paths: list[str], args: argparse.Namespace
               amp: bool = True) -> tuple[float, float]:
     """Images/s of stage 03's path: disk -> CropDataset -> DataLoader -> embed_dataset, over the
     whole call and over the call less its wait for the first batch (the loader's fixed start:
-    worker processes, and one of them assembling a whole batch, paid once per pass whatever its
-    length)."""
+    worker processes, and a chunk from each, paid once per pass whatever its length)."""
     dataset = CropDataset(paths, transform=eval_transform(args.image_size))
     embed_dataset(model, torch.utils.data.Subset(dataset, range(min(len(paths), args.batch_size))),
                   args.batch_size, 0, device, amp=amp, flip=args.flip)  # warm-up

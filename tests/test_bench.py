@@ -134,3 +134,13 @@ def test_ablation_runs_without_the_refit_unless_asked(data: Path, tmp_path: Path
     assert "with `train.refit=false`" in text
     run(["train.refit=true"])  # later --set wins: the user asked for it
     assert all(c[:2] == ["train.refit=false", "train.refit=true"] for c in calls)
+
+
+def test_bench_embed_loader_alone_runs_stage_03s_chunked_loader(tmp_path: Path) -> None:
+    """bench_embed's loader-alone row runs over generated crops with stage 03's chunked loader."""
+    import bench_embed
+    import torch
+
+    paths = bench_embed.make_crops(tmp_path, 5, 24)
+    args = argparse.Namespace(image_size=16, batch_size=2, workers=2)
+    assert bench_embed.loader_only(paths, args, torch.device("cpu")) > 0

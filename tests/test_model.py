@@ -398,6 +398,25 @@ def test_embed_dataset_loads_chunks_and_embeds_whole_batches(monkeypatch: pytest
     assert sizes == [3, 2] and seen == [3, 1, 3, 1]
 
 
+class _FirstSlow(torch.utils.data.Dataset):
+    """Four 2x2 images of value index + 1; the first takes 0.3 s to load."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index == 0:
+            time.sleep(0.3)
+        return torch.full((3, 2, 2), index + 1, dtype=torch.uint8), index
+
+
+def test_chunks_from_parallel_workers_keep_the_dataset_order() -> None:
+    """Chunks of one image from two workers, the first one slow to load: the embeddings still
+    come back in dataset order."""
+    raw = embed_dataset(_Pixels(), _FirstSlow(), 2, 2, torch.device("cpu"), normalize=False)
+    np.testing.assert_array_equal(raw[:, 0], [1, 2, 3, 4])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_embeddings_match_the_cpu(cfg) -> None:
     """Stage 03's path on CUDA (float32) gives the CPU's embeddings, rows in the same order."""
@@ -409,3 +428,6 @@ def test_cuda_embeddings_match_the_cpu(cfg) -> None:
     on_cpu = embed_dataset(model, ds, 2, 0, torch.device("cpu"), amp=False, flip="average")
     on_cuda = embed_dataset(model, ds, 2, 0, torch.device("cuda"), amp=False, flip="average")
     np.testing.assert_allclose(on_cuda, on_cpu, atol=1e-4)
+    # two workers: chunks of two, pinned and joined on the GPU into batches of three
+    chunked = embed_dataset(model, ds, 3, 2, torch.device("cuda"), amp=False, flip="average")
+    np.testing.assert_allclose(chunked, on_cpu, atol=1e-4)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from whaleid.errors import UserError
@@ -65,12 +65,18 @@ def loader_chunk(batch_size: int, workers: int) -> int:
     return batch_size if workers <= 1 else -(-batch_size // workers)
 
 
+def images_only(items: list) -> tuple[torch.Tensor]:
+    """Collate only the images of (image, ...) items: the labels and indices are not needed to
+    embed, and each collated tensor is one more shared-memory handle per chunk in flight."""
+    return (default_collate([item[0] for item in items]),)
+
+
 def chunk_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader of `loader_chunk` images an item, in dataset order, for `device_batches`."""
     chunk = loader_chunk(batch_size, workers)
     return DataLoader(
         dataset, batch_size=chunk, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=False, collate_fn=images_only,
         # as many images queued ahead as whole batches of two per worker would hold
         **({"prefetch_factor": 2 * -(-batch_size // chunk)} if workers > 0 else {}),
     )
@@ -78,7 +84,8 @@ def chunk_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bo
 
 def device_batches(chunks: Iterable, device: torch.device, batch_size: int) -> Iterator[torch.Tensor]:
     """The loader's chunks of images, copied to `device` and joined into batches of `batch_size` in
-    dataset order (the last may be shorter): the batches a loader of that batch size would give."""
+    dataset order (the last may be shorter): the batches a loader of that batch size would give.
+    A batch may be a view shared with the next batch's first images: read it, do not write it."""
     parts: list[torch.Tensor] = []
     have = 0
     for images, *_ in chunks:
