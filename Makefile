@@ -1,6 +1,8 @@
 # whaleid: `make submission` runs the whole pipeline (demo data when no competition data),
 # `make test` runs lint and tests. Both create .venv and install requirements.txt first, at the
-# tested versions of constraints.txt.
+# tested versions of constraints.txt. --no-cache-dir: torch's CUDA build and its nvidia-* wheels are
+# ~5.5 GB installed; pip's cache would keep a second copy of their downloads (a CI run failed on a
+# full disk).
 # Options: CONFIG=overlay.yaml (deep-merged over config.yaml), SET="train.epochs=3 knn.k=100",
 #          OUT=outputs (artifact folder), PYTHON=python3 (to create the venv).
 
@@ -29,8 +31,8 @@ help:  ## list the targets
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -r requirements.txt -c constraints.txt
 	touch $@
 
 venv: $(VENV)/.installed  ## create .venv and install requirements.txt (versions of constraints.txt)

@@ -42,5 +42,7 @@ def test_the_makefile_installs_with_the_constraints():
     installs = [line for line in makefile.splitlines() if "pip install" in line and "-r requirements.txt" in line]
     assert installs, "the Makefile no longer installs requirements.txt"
     assert all("-c constraints.txt" in line for line in installs), installs
+    assert all("--no-cache-dir" in line for line in installs), (
+        "pip's cache would hold a second copy of torch's CUDA wheels (a CI run ran out of disk)")
     assert "$(VENV)/.installed: requirements.txt constraints.txt" in makefile, (
         "a change of constraints.txt must reinstall the venv")
