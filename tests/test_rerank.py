@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from tests.test_submit import config, make_artifacts
 from whaleid import rerank, submit
@@ -76,6 +77,79 @@ def test_ratio_test_on_hand_made_descriptors() -> None:
     short = np.stack([0.3 * e[0], 0.8 * e[0] + 0.6 * e[1], e[2]])
     assert rerank.ratio_matches(e[[0]], [short], 0.8)[0].tolist() == []
     assert rerank.ratio_matches(e[[0]], [short], 0.95)[0].tolist() == [[0, 1]]
+
+
+def _integer_ratio_test(query: np.ndarray, gallery: list[np.ndarray], ratio: float) -> list[list[list[int]]]:
+    """The ratio test in exact integer distances (int64), compared as ratio_matches compares them
+    (ratio^2 x d2 rounded to float32): the known answer for stored descriptors."""
+    q = query.astype(np.int64)
+    out = []
+    for g in gallery:
+        if len(g) < 2:
+            out.append([])
+            continue
+        d = ((q[:, None, :] - g.astype(np.int64)[None]) ** 2).sum(axis=2)
+        order = np.argsort(d, axis=1, kind="stable")
+        d1, d2 = np.take_along_axis(d, order[:, :2], axis=1).T
+        keep = d1.astype(np.float32) < np.float32(ratio ** 2) * d2.astype(np.float32)
+        out.append([[i, int(order[i, 0])] for i in np.flatnonzero(keep)])
+    return out
+
+
+def test_ratio_matches_of_stored_descriptors_are_exact_integer_arithmetic() -> None:
+    rng = np.random.default_rng(3)
+    # Borderline cases: each query has a gallery descriptor at d^2 = 1 (one unit off in one
+    # component) and a second at d^2 = 4 or 5, so at ratio 0.5 (ratio^2 = 0.25, exact in binary)
+    # d1 < ratio^2 d2 is 1 < 1 (no match) or 1 < 1.25 (a match). Rounding in the distances, as in
+    # the product of descriptors scaled to [0, 1], decides such ties either way.
+    query = rng.integers(40, 200, (300, 128)).astype(np.uint8)
+    sets, expected = [], []
+    for i, q in enumerate(query):
+        near, far = q.astype(np.int64).copy(), q.astype(np.int64).copy()
+        a, b, c = rng.choice(128, 3, replace=False)
+        near[a] += 1
+        far[b] += 2
+        if i % 2:
+            far[c] += 1
+        sets.append(np.stack([far, near]).astype(np.uint8))
+        expected.append(i % 2 == 1)
+    pairs = rerank.ratio_matches(query, sets, 0.5)
+    kept = [[int(qi) for qi, _ in p] for p in pairs]
+    # each set holds the one descriptor near its own query, so its match is (that query, row 1)
+    assert [i in kept[i] for i in range(len(query))] == expected
+    assert all(p[p[:, 0] == i, 1].tolist() == [1] for i, p in enumerate(pairs) if expected[i])
+    # Random descriptors of few values (many equal distances), sets of 0 to 9 rows: the integer answer.
+    query = rng.integers(0, 4, (40, 128)).astype(np.uint8)
+    gallery = [rng.integers(0, 4, (n, 128)).astype(np.uint8) for n in (0, 1, 2, 9, 5)]
+    gallery[3][4] = query[7]  # an exact copy: d1 = 0
+    gallery[3][5] = query[7]  # twice: d1 = d2 = 0, a tie, no match
+    gallery[4][0] = query[7]
+    got = [p.tolist() for p in rerank.ratio_matches(query, gallery, 0.9)]
+    assert got == _integer_ratio_test(query, gallery, 0.9)
+    assert [7, 0] in got[4] and not any(qi == 7 for qi, _ in got[3])
+
+
+def test_ratio_matches_on_another_torch_device_name_are_the_same() -> None:
+    rng = np.random.default_rng(4)
+    query = rng.integers(0, 120, (50, 128)).astype(np.uint8)
+    gallery = [rng.integers(0, 120, (n, 128)).astype(np.uint8) for n in (30, 3, 1)]
+    default = rerank.ratio_matches(query, gallery, 0.95)
+    named = rerank.ratio_matches(query, gallery, 0.95, device="cpu")
+    assert [p.tolist() for p in default] == [p.tolist() for p in named] == _integer_ratio_test(query, gallery, 0.95)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_ratio_matches_on_cuda_are_the_cpu_matches_bit_for_bit() -> None:
+    a, b = rerank.extract(blobs(1)), rerank.extract(moved(blobs(1)))
+    others = [rerank.extract(blobs(s)).desc for s in (2, 3)]
+    on_cpu = rerank.ratio_matches(a.desc, [b.desc, *others], 0.85, device="cpu")
+    on_cuda = rerank.ratio_matches(a.desc, [b.desc, *others], 0.85, device="cuda")
+    assert len(on_cpu[0]) >= 30
+    assert [p.tolist() for p in on_cuda] == [p.tolist() for p in on_cpu]
+    labels, gallery_labels = np.array([[7, 8]]), np.array([7, 8, 8])
+    gallery = [b, rerank.extract(blobs(2)), rerank.extract(blobs(3))]
+    by = {d: rerank.candidate_inliers(labels, [a], gallery, gallery_labels, device=d).tolist() for d in ("cpu", "cuda")}
+    assert by["cpu"] == by["cuda"]
 
 
 def test_same_marks_moved_verify_and_other_marks_do_not() -> None:
@@ -187,6 +261,7 @@ def test_stage_04_with_rerank_on_records_the_choice_and_names_unreadable_crops(t
     assert record["weight"] == 0.0
     assert set(record["validation_map5_by_weight"]) == {"0.0", "0.1", "0.2", "0.3", "0.5"}
     assert record["unreadable_count"] == 1 and record["unreadable"][0].endswith("te_3.jpg")
+    assert record["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # `device: auto`
     with_rerank = pd.read_csv(path, dtype=str, keep_default_na=False)
     plain = pd.read_csv(submit.run(config(tmp_path)), dtype=str, keep_default_na=False)
     assert with_rerank.equals(plain)
@@ -242,6 +317,8 @@ def test_stage_04_rerank_moves_the_individual_whose_photos_share_the_query_marks
     ("rerank.geometry=affine", "rerank.geometry must be one of \\['similarity', 'translation'\\], got 'affine'"),
     ("rerank.candidates=3", "rerank.candidates must be at least 5"),
     ("rerank.ratio=1.2", "0 < ratio < 1"),
+    ("device=tpu", "unknown device 'tpu'"),
+    *([] if torch.cuda.is_available() else [("device=cuda", "no CUDA GPU is visible")]),
 ])
 def test_stage_04_refuses_a_bad_rerank_setting_before_any_work(tmp_path: Path, setting: str, message: str) -> None:
     make_artifacts(tmp_path)

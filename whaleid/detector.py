@@ -35,7 +35,7 @@ from whaleid.boxes import BOX_COLUMNS, Box, box_problem, from_letterbox, iou, to
 from whaleid.config import Config
 from whaleid.errors import UserError
 from whaleid.images import read_image, resize_square
-from whaleid.inference import bf16_inference
+from whaleid.inference import bf16_inference, resolve_device
 from whaleid.io import fingerprint_config, torch_save
 
 VAL_SHARE = 0.1       # held-out share of the training boxes for the per-epoch validation IoU
@@ -45,11 +45,7 @@ L1_WEIGHT, GIOU_WEIGHT, CONF_WEIGHT = 5.0, 2.0, 1.0   # DETR's L1:GIoU ratio
 
 def device_of(cfg: Config) -> torch.device:
     """The torch device named by `cfg.device` (auto: CUDA when available)."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda is set, but no CUDA device is available; use auto or cpu")
-    return torch.device(cfg.device)
+    return resolve_device(cfg.device)
 
 
 # --- model ---------------------------------------------------------------------------------

@@ -102,41 +102,46 @@ def extract_files(paths: Sequence[str], features: int, upscale: float, workers: 
     return [LocalFeatures.empty() if f is None else f for f in out], bad
 
 
-def ratio_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float = 0.8) -> list[np.ndarray]:
+def ratio_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float = 0.8,
+                  device: str | None = None) -> list[np.ndarray]:
     """Lowe's ratio test of `query` descriptors against each gallery descriptor set, in one product.
 
     Returns, per gallery set, an (m, 2) int array of (query index, gallery index) pairs whose
     nearest gallery descriptor is closer than `ratio` times the second nearest (L2 distance,
-    d^2 = |q|^2 + |g|^2 - 2 q.g; descriptors uint8 as stored, or float). A set with fewer than 2
-    descriptors yields no matches.
+    d^2 = |q|^2 + |g|^2 - 2 q.g). A set with fewer than 2 descriptors yields no matches.
+
+    Stored (uint8) descriptors are compared in their integer units: every product, sum and
+    distance is then an integer (or a half) below 2^23, which float32 holds exactly whatever the
+    order of summation, so the matches are the same on the CPU and on a GPU (`device`, default
+    the CPU), bit for bit. Float descriptors are compared as they are.
     """
     import torch
 
     empty = np.zeros((0, 2), dtype=np.int64)
     if len(query) == 0 or not gallery:
         return [empty for _ in gallery]
+    device = torch.device(device or "cpu")
     lengths = [len(g) for g in gallery]
     width = max(2, max(lengths))
-    dtype = np.uint8 if all(np.asarray(g).dtype == np.uint8 for g in gallery) else np.float32
-    padded = np.zeros((len(gallery), width, DESC_DIM), dtype=dtype)
+    exact = np.asarray(query).dtype == np.uint8 and all(np.asarray(g).dtype == np.uint8 for g in gallery)
+    padded = np.zeros((len(gallery), width, DESC_DIM), dtype=np.uint8 if exact else np.float32)
     for i, g in enumerate(gallery):
-        padded[i, : len(g)] = g if dtype == np.uint8 else as_float(g)
-    g = torch.from_numpy(padded.reshape(-1, DESC_DIM)).float()
-    if dtype == np.uint8:
-        g.div_(QUANT)
-    q = torch.from_numpy(as_float(query))
+        padded[i, : len(g)] = g if exact else as_float(g)
+    # uint8 crosses to the device (a quarter of the bytes) and becomes float32 there
+    g = torch.from_numpy(padded.reshape(-1, DESC_DIM)).to(device).float()
+    q = torch.from_numpy(np.asarray(query) if exact else as_float(query)).to(device).float()
     # Half the squared distance, shifted by |q|^2/2 (the same for every gallery descriptor of a
     # query descriptor, so it does not change which is nearest): |g|^2/2 - q.g, in one fused
     # product; padding never wins.
     half = torch.addmm(0.5 * (g * g).sum(1)[None], q, g.T, alpha=-1.0).view(len(query), len(gallery), width)
     if min(lengths) < width:
-        valid = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+        valid = torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
         half.masked_fill_(~valid[None], float("inf"))
     low, idx = half.topk(2, dim=2, largest=False)
     qn = 0.5 * (q * q).sum(1)[:, None]
     d1, d2 = (2.0 * (low[..., 0] + qn)).clamp_min(0), (2.0 * (low[..., 1] + qn)).clamp_min(0)
     good = (d1 < (ratio ** 2) * d2) & torch.isfinite(low[..., 1])  # the second neighbour must be real
-    good, idx = good.numpy(), idx[..., 0].numpy()
+    good, idx = good.cpu().numpy(), idx[..., 0].cpu().numpy()
     out = []
     for i in range(len(gallery)):
         hit = np.flatnonzero(good[:, i])
@@ -172,9 +177,10 @@ def count_inliers(src: np.ndarray, dst: np.ndarray, ransac_px: float, geometry: 
 
 
 def verify(query: LocalFeatures, gallery: list[LocalFeatures], ratio: float = 0.8,
-           ransac_px: float = 6.0, geometry: str = "similarity") -> np.ndarray:
-    """Geometric-verification inlier count of `query` against each gallery image."""
-    pairs = ratio_matches(query.desc, [g.desc for g in gallery], ratio)
+           ransac_px: float = 6.0, geometry: str = "similarity", device: str | None = None) -> np.ndarray:
+    """Geometric-verification inlier count of `query` against each gallery image (descriptors
+    matched on `device`, the geometry fitted on the CPU)."""
+    pairs = ratio_matches(query.desc, [g.desc for g in gallery], ratio, device)
     return np.array([count_inliers(query.xy[p[:, 0]], g.xy[p[:, 1]], ransac_px, geometry)
                      for p, g in zip(pairs, gallery)], dtype=np.int64)
 
@@ -188,7 +194,7 @@ def candidate_inliers(
     labels: np.ndarray, query_feats: Sequence[LocalFeatures], gallery_feats: Sequence[LocalFeatures],
     gallery_labels: np.ndarray, ratio: float = 0.8, ransac_px: float = 6.0, desc: str = "verify",
     photos: int = 0, query_emb: np.ndarray | None = None, gallery_emb: np.ndarray | None = None,
-    mirrored: Sequence[LocalFeatures] | None = None, geometry: str = "similarity",
+    mirrored: Sequence[LocalFeatures] | None = None, geometry: str = "similarity", device: str | None = None,
 ) -> np.ndarray:
     """(Q, C) inlier counts: for each query and candidate individual (`labels`, codes < 0 are
     padding and get 0), the best geometric verification over that individual's gallery images.
@@ -197,6 +203,7 @@ def candidate_inliers(
     only each individual's `photos` gallery images most similar to the query are verified. With
     `mirrored` (the features of each query's mirror image), a gallery image counts the better of
     the two views: a fin photographed from its other side shows its trailing-edge notches mirrored.
+    Descriptors are matched on `device` (default the CPU; the same matches on either).
     """
     labels = np.asarray(labels)
     gallery_labels = np.asarray(gallery_labels)
@@ -215,9 +222,9 @@ def candidate_inliers(
             rows.append(r)
         flat = np.concatenate(rows)
         candidates = [gallery_feats[i] for i in flat]
-        counts = verify(query_feats[q], candidates, ratio, ransac_px, geometry)
+        counts = verify(query_feats[q], candidates, ratio, ransac_px, geometry, device)
         if mirrored is not None:
-            counts = np.maximum(counts, verify(mirrored[q], candidates, ratio, ransac_px, geometry))
+            counts = np.maximum(counts, verify(mirrored[q], candidates, ratio, ransac_px, geometry, device))
         ends = np.cumsum([len(r) for r in rows])
         for j, (r, end) in enumerate(zip(rows, ends)):
             if len(r):

@@ -336,6 +336,9 @@ def _check_rerank_config(cfg: Config) -> None:
         raise UserError(f"rerank.weights must be a non-empty list of numbers >= 0, got {r.weights}")
     if r.geometry not in rerank.GEOMETRIES:
         raise UserError(f"rerank.geometry must be one of {list(rerank.GEOMETRIES)}, got {r.geometry!r}")
+    from whaleid.inference import resolve_device
+
+    resolve_device(cfg.device)  # the descriptors are matched there: a bad `device` fails before the kNN
 
 
 def _features_of(cfg: Config, catalogue: pd.DataFrame, keys: list[tuple[str, str]],
@@ -374,7 +377,10 @@ def rerank_rankings(
     """Verify the candidates of the validation and test queries, choose the weight on the fold,
     re-sort both (val in place, with its inlier counts as val["inliers"]); returns the test
     (labels, scores, inlier counts), re-sorted, and a metrics record."""
+    from whaleid.inference import resolve_device  # imports torch: only when re-ranking
+
     r = cfg.rerank
+    device = str(resolve_device(cfg.device))  # descriptors are matched there (the same matches on either)
     start = time.time()
     # The gallery is one entry per train image (its embedding rows may be several: flips, sources).
     first = ~rows["image"].duplicated().to_numpy()
@@ -392,14 +398,14 @@ def rerank_rankings(
     empty = rerank.LocalFeatures.empty()
     gallery = [feats.get(k, empty) for k in gallery_keys]
     opts = {"ratio": r.ratio, "ransac_px": r.ransac_px, "geometry": r.geometry, "photos": r.photos,
-            "gallery_emb": gallery_emb}
+            "gallery_emb": gallery_emb, "device": device}
     # Queries are also matched as their mirror image (rerank.mirror): either side of a fin.
     mirrored = (_features_of(cfg, catalogue, val_keys + [("test", i) for i in test_images], mirror=True)[0]
                 if r.mirror else {})
 
     record: dict = {"candidates": r.candidates, "features": r.features, "upscale": r.upscale, "photos": r.photos,
                     "ratio": r.ratio, "geometry": r.geometry, "ransac_px": r.ransac_px, "mirror": bool(r.mirror),
-                    "unreadable": bad[:10], "unreadable_count": len(bad)}
+                    "unreadable": bad[:10], "unreadable_count": len(bad), "device": device}
     weight, how = r.default_weight, "rerank.default_weight (no validation fold)"
     if val is not None:
         val_first = ~val["rows"]["image"].duplicated().to_numpy()
@@ -430,7 +436,7 @@ def rerank_rankings(
     labels, scores, inl = rerank.apply(labels, scores, inl, weight)
     record |= {"weight": float(weight), "how": how, "seconds": round(time.time() - start, 2)}
     print(f"re-ranked {len(test_images)} test and {len(val_keys)} validation queries by local features: "
-          f"weight {weight} ({how}), {record['seconds']:.0f} s")
+          f"weight {weight} ({how}), descriptors matched on {device}, {record['seconds']:.0f} s")
     return labels, scores, inl, record
 
 
