@@ -144,3 +144,32 @@ def test_bench_embed_loader_alone_runs_stage_03s_chunked_loader(tmp_path: Path) 
     paths = bench_embed.make_crops(tmp_path, 5, 24)
     args = argparse.Namespace(image_size=16, batch_size=2, workers=2)
     assert bench_embed.loader_only(paths, args, torch.device("cpu")) > 0
+
+
+def test_bench_rerank_times_each_device_and_checks_they_agree(tmp_path: Path, monkeypatch) -> None:
+    """bench_rerank on a tiny case: the table is written, the generated views of an individual
+    verify far above other individuals, and a device giving other counts fails the run."""
+    import bench_rerank
+    import numpy as np
+
+    out = tmp_path / "rerank.md"
+    argv = ["bench_rerank.py", "--queries", "4", "--individuals", "6", "--candidates", "5", "--photos", "2",
+            "--repeats", "1", "--devices", "cpu,cpu:0", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_rerank.main()
+    text = out.read_text()
+    assert "| cpu | " in text and "| cpu:0 | " in text and "Same inlier counts on every device: yes" in text
+    own, other = (int(v) for v in text.split("Median inliers of the true individual ")[1].split(" (")[0]
+                  .replace(", of the others", "").split())
+    assert own >= 20 and other <= 8, (own, other)
+
+    calls = iter(range(100))
+    real = bench_rerank.rerank.candidate_inliers
+
+    def drifting(*args, **kwargs) -> np.ndarray:  # the second device's counts differ by one
+        counts = real(*args, **kwargs)
+        return counts + (next(calls) % 2 if kwargs.get("desc", "").startswith("verify") else 0)
+
+    monkeypatch.setattr(bench_rerank.rerank, "candidate_inliers", drifting)
+    with pytest.raises(SystemExit, match="inlier counts differ between devices"):
+        bench_rerank.main()

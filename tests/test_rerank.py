@@ -129,13 +129,20 @@ def test_ratio_matches_of_stored_descriptors_are_exact_integer_arithmetic() -> N
     assert [7, 0] in got[4] and not any(qi == 7 for qi, _ in got[3])
 
 
-def test_ratio_matches_on_another_torch_device_name_are_the_same() -> None:
+def test_ratio_matches_on_a_named_device_give_the_integer_answer_for_any_query_layout() -> None:
     rng = np.random.default_rng(4)
     query = rng.integers(0, 120, (50, 128)).astype(np.uint8)
     gallery = [rng.integers(0, 120, (n, 128)).astype(np.uint8) for n in (30, 3, 1)]
     default = rerank.ratio_matches(query, gallery, 0.95)
     named = rerank.ratio_matches(query, gallery, 0.95, device="cpu")
     assert [p.tolist() for p in default] == [p.tolist() for p in named] == _integer_ratio_test(query, gallery, 0.95)
+    # a reversed (negatively strided), read-only view of the same descriptors: the same matches, reversed
+    view = query[::-1]
+    view.flags.writeable = False
+    flipped = [sorted([len(query) - 1 - i, j] for i, j in p.tolist()) for p in rerank.ratio_matches(view, gallery, 0.95)]
+    assert flipped == [sorted(p.tolist()) for p in named]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast does not round the product
+        assert [p.tolist() for p in rerank.ratio_matches(query, gallery, 0.95)] == [p.tolist() for p in named]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

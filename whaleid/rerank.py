@@ -111,8 +111,8 @@ def ratio_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float = 0
     d^2 = |q|^2 + |g|^2 - 2 q.g). A set with fewer than 2 descriptors yields no matches.
 
     Stored (uint8) descriptors are compared in their integer units: every product, sum and
-    distance is then an integer (or a half) below 2^23, which float32 holds exactly whatever the
-    order of summation, so the matches are the same on the CPU and on a GPU (`device`, default
+    distance is then an integer or a half, below 2^23 in magnitude (128 x 255^2 at most), which
+    float32 holds exactly whatever the order of summation, so the matches are the same on the CPU and on a GPU (`device`, default
     the CPU), bit for bit. Float descriptors are compared as they are.
     """
     import torch
@@ -129,11 +129,12 @@ def ratio_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float = 0
         padded[i, : len(g)] = g if exact else as_float(g)
     # uint8 crosses to the device (a quarter of the bytes) and becomes float32 there
     g = torch.from_numpy(padded.reshape(-1, DESC_DIM)).to(device).float()
-    q = torch.from_numpy(np.asarray(query) if exact else as_float(query)).to(device).float()
+    q = torch.from_numpy(np.ascontiguousarray(query) if exact else as_float(query)).to(device).float()
     # Half the squared distance, shifted by |q|^2/2 (the same for every gallery descriptor of a
     # query descriptor, so it does not change which is nearest): |g|^2/2 - q.g, in one fused
-    # product; padding never wins.
-    half = torch.addmm(0.5 * (g * g).sum(1)[None], q, g.T, alpha=-1.0).view(len(query), len(gallery), width)
+    # product; padding never wins. Float32 even inside a caller's autocast (exactness).
+    with torch.autocast(device.type, enabled=False):
+        half = torch.addmm(0.5 * (g * g).sum(1)[None], q, g.T, alpha=-1.0).view(len(query), len(gallery), width)
     if min(lengths) < width:
         valid = torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
         half.masked_fill_(~valid[None], float("inf"))
