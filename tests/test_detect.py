@@ -382,3 +382,16 @@ def test_bad_crop_setting_stops_naming_the_key_before_any_work(tmp_path, expr):
     with pytest.raises(UserError, match=re.escape(expr.split("=")[0])):
         detect.run(cfg)
     assert not (Path(cfg.paths.outputs) / "01_crops").exists()
+
+
+def test_detector_batches_are_pinned_only_for_a_gpu() -> None:
+    """Pinned host memory speeds copies to a GPU and only costs on the CPU, also on a box that has
+    a GPU but runs with `device: cpu`."""
+    import torch
+
+    cfg = load_config()
+    dataset = detector.LetterboxDataset([], 64, (0.5,) * 3, (0.25,) * 3)
+    assert detector._loader(dataset, cfg, torch.device("cuda")).pin_memory is True
+    assert detector._loader(dataset, cfg, torch.device("cpu")).pin_memory is False
+    with pytest.raises(UserError, match="unknown device 'tpu'"):
+        detector.device_of(load_config(sets=["device=tpu"]))

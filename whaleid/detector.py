@@ -168,15 +168,16 @@ def colour_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 0
     return np.clip(out * b, 0, 255).astype(np.float32)
 
 
-def _loader(dataset: Dataset, cfg: Config, shuffle: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.crop.detector.batch_size, shuffle=shuffle,
-                      num_workers=cfg.crop.workers, pin_memory=torch.cuda.is_available())
+def _loader(dataset: Dataset, cfg: Config, device: torch.device) -> DataLoader:
+    """Batches in order; pinned host memory only when they go to a GPU."""
+    return DataLoader(dataset, batch_size=cfg.crop.detector.batch_size, num_workers=cfg.crop.workers,
+                      pin_memory=device.type == "cuda")
 
 
 def _cache_features(det: Detector, dataset: Dataset, cfg: Config, desc: str) -> tuple[torch.Tensor, ...]:
     """Frozen features of every item, kept in memory as float16: (fine, coarse, boxes, sizes, ok)."""
     fine, coarse, boxes, sizes, oks = [], [], [], [], []
-    for images, box, size, ok in tqdm(_loader(dataset, cfg), desc=desc, unit="batch", leave=False):
+    for images, box, size, ok in tqdm(_loader(dataset, cfg, det.device), desc=desc, unit="batch", leave=False):
         f, c = det.features(images)
         fine.append(f.half().cpu())
         coarse.append(c.half().cpu())
@@ -349,7 +350,7 @@ def predict(det: Detector, paths: list[str], cfg: Config) -> list[tuple[Box, flo
     size = cfg.crop.detector.image_size
     dataset = LetterboxDataset(paths, size, det.mean, det.std)
     out: list[tuple[Box, float] | None] = []
-    for images, _, sizes, ok in tqdm(_loader(dataset, cfg), desc="detector", unit="batch"):
+    for images, _, sizes, ok in tqdm(_loader(dataset, cfg, det.device), desc="detector", unit="batch"):
         boxes, conf = det.head(*det.features(images))
         conf = torch.sigmoid(conf).cpu().numpy()
         for box, c, (w, h), good in zip(boxes.cpu().numpy(), conf, sizes.numpy(), ok.numpy()):
