@@ -18,8 +18,6 @@ Usage: python bench/bench_rerank.py [--queries 100] [--individuals 120] [--out F
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import bench_embed  # noqa: E402  (bench/ is on the path: the script's own folder)
 
 from whaleid import rerank  # noqa: E402
 from whaleid.io import write_text  # noqa: E402
@@ -77,15 +77,9 @@ def candidates(query_labels: np.ndarray, individuals: int, n: int, seed: int) ->
 
 
 def machine() -> str:
-    cpu = platform.processor() or "CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}, torch {torch.__version__}, "
-            f"load average {os.getloadavg()[0]:.1f}")
+    """bench_embed's machine line (CPU model, cores, GPU, torch, load), with torch's thread count."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return f"{bench_embed.machine(device)}, {torch.get_num_threads()} torch threads"
 
 
 def main() -> None:
