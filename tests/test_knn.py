@@ -255,3 +255,38 @@ def test_transfer_threshold_keeps_the_share_of_new_individual_first() -> None:
     assert knn.transfer_threshold(0.0, source, target) == pytest.approx(float(np.float32(0.65)))  # -inf only
     assert (target.astype(np.float64) < knn.transfer_threshold(1.0, source, target)).all()  # every query new
     assert knn.transfer_threshold(0.5, np.array([]), target) == 0.5  # nothing to take a share from
+
+
+@pytest.mark.parametrize(("backend", "device", "gpu_backend"), [
+    ("auto", "cpu", "faiss_cpu"),  # a CPU run stays off the GPU
+    ("auto", "auto", "torch"),
+    ("auto", "cuda", "torch"),
+    ("torch", "cpu", "torch"),  # an explicit backend is kept
+])
+def test_knn_backend_follows_device_cpu_on_a_box_with_a_gpu(monkeypatch, backend: str, device: str,
+                                                           gpu_backend: str) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(knn, "faiss_gpus", lambda: 0)
+    assert knn.resolve_backend(knn.backend_for_device(backend, device)) == gpu_backend
+
+
+def test_stage_04_searches_with_the_backend_device_cpu_implies(tmp_path, monkeypatch) -> None:
+    from tests.test_submit import config, make_artifacts
+    from whaleid import submit
+
+    make_artifacts(tmp_path)
+    seen = []
+    real = knn.rank_queries
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return real(*args, **{**kwargs, "backend": "faiss_cpu"})
+
+    monkeypatch.setattr(knn, "rank_queries", recording)
+    submit.run(config(tmp_path, "knn.backend=auto", "device=cpu"))
+    assert seen and set(seen) == {"faiss_cpu"}
+    seen.clear()
+    submit.run(config(tmp_path, "knn.backend=auto", "device=auto"))
+    assert seen and set(seen) == {"auto"}

@@ -536,3 +536,20 @@ def test_epoch_line_shows_validation_only_where_it_ran() -> None:
     assert _epoch_line(row) == "epoch 3: loss 1.5000  20.0 img/s  12 s"
     row.update(map5=0.8, map5_known=0.75, map5_new=1.0, threshold=0.6)
     assert "MAP@5 0.8000 (known 0.7500, new 1.0000, threshold 0.600)" in _epoch_line(row)
+
+
+def test_validation_searches_on_the_cpu_under_device_cpu(tmp_path: Path, monkeypatch) -> None:
+    """With `device: cpu` and `knn.backend: auto`, stage 02's validation kNN stays off any GPU."""
+    from whaleid import knn
+
+    seen = []
+    real = knn.evaluate_fold
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return real(*args, **{**kwargs, "backend": "faiss_cpu"})
+
+    monkeypatch.setattr(knn, "evaluate_fold", recording)
+    outputs = make_tiny_outputs(tmp_path / "outputs")
+    run(tiny_cfg(outputs, "knn.backend=auto", "device=cpu"))
+    assert seen and set(seen) == {"faiss_cpu"}

@@ -56,6 +56,12 @@ def resolve_backend(backend: str = "auto") -> str:
     return "faiss_cpu"
 
 
+def backend_for_device(backend: str, device: str) -> str:
+    """`knn.backend` under the pipeline's `device`: with `device: cpu`, auto searches with faiss on
+    the CPU even where a GPU is visible (a CPU run stays off the GPU); other settings are kept."""
+    return "faiss_cpu" if backend == "auto" and device == "cpu" else backend
+
+
 def _torch_searcher(gallery: np.ndarray, chunk: int = 4096) -> Searcher:
     import torch
 

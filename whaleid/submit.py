@@ -169,7 +169,8 @@ def rank(
         codes = np.full((0, top), knn.PAD_LABEL, dtype=np.int64)
         return Ranking(np.array([], dtype=object), codes, empty, np.full((0, top), -1), gallery_rows)
     images, ranked, agg, best, deepened = knn.rank_queries(
-        emb[gallery_rows], labels[gallery_rows], queries, query_images, k.k, top, backend=k.backend,
+        emb[gallery_rows], labels[gallery_rows], queries, query_images, k.k, top,
+        backend=knn.backend_for_device(k.backend, cfg.device),
         index=k.index, nlist=k.ivf_nlist, nprobe=k.ivf_nprobe)
     return Ranking(images, ranked, agg, best, gallery_rows, deepened)
 
@@ -672,7 +673,7 @@ def _check_knn_config(cfg: Config) -> None:
     if k.backend == "faiss_gpu" and knn.faiss_gpus() == 0:
         raise UserError("knn.backend is faiss_gpu but faiss sees no GPU (faiss-cpu installed, or no CUDA device); "
                         "use knn.backend: auto")
-    if k.index == "ivf" and knn.resolve_backend(k.backend) == "torch":
+    if k.index == "ivf" and knn.resolve_backend(knn.backend_for_device(k.backend, cfg.device)) == "torch":
         print("note: knn.index ivf applies to the faiss backends; the torch backend searches exactly")
 
 

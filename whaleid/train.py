@@ -418,7 +418,7 @@ def validate(cfg: Config, model: EmbeddingModel, splits: Splits, rt: Runtime) ->
     if rt.main:
         result[0] = knn.evaluate_fold(
             gallery, splits.gallery["label"].to_numpy(), queries, splits.queries["truth"].to_numpy(),
-            k=cfg.knn.k, backend=cfg.knn.backend,
+            k=cfg.knn.k, backend=knn.backend_for_device(cfg.knn.backend, cfg.device),
         )
     if rt.world > 1:
         dist.broadcast_object_list(result, src=0)
