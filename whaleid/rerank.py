@@ -112,8 +112,8 @@ def ratio_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float = 0
 
     Stored (uint8) descriptors are compared in their integer units: every product, sum and
     distance is then an integer or a half, below 2^23 in magnitude (128 x 255^2 at most), which
-    float32 holds exactly whatever the order of summation, so the matches are the same on the CPU and on a GPU (`device`, default
-    the CPU), bit for bit. Float descriptors are compared as they are.
+    float32 holds exactly whatever the order of summation, so the matches are the same on the CPU
+    and on a GPU (`device`, default the CPU), bit for bit. Float descriptors are compared as they are.
     """
     import torch
 
