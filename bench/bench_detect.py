@@ -32,6 +32,7 @@ from whaleid.cli import build_parser  # noqa: E402
 from whaleid.config import Config, load_config  # noqa: E402
 from whaleid.errors import UserError  # noqa: E402
 from whaleid.images import image_size, read_image, write_jpeg  # noqa: E402
+from whaleid.inference import resolve_device  # noqa: E402
 from whaleid.io import write_bytes, write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "detect.md"
@@ -112,7 +113,7 @@ def table(q: dict, t: dict, cfg: Config) -> str:
     d, f, tr = q["detector"], q["fallback"], q["train"]
     return "\n".join([
         "# Stage 01 benchmark (bench/bench_detect.py)", "",
-        f"Machine: {machine()}. Device: {detector.device_of(cfg)}. Demo set: {cfg.paths.demo}.", "",
+        f"Machine: {machine()}. Device: {resolve_device(cfg.device)}. Demo set: {cfg.paths.demo}.", "",
         f"## Boxes on the demo test images ({d['n']} images; targets for the detector: mean IoU >= 0.80, "
         "IoU >= 0.5 on >= 97%)", "",
         "| method | mean IoU | IoU >= 0.5 | images/s |", "|---|---|---|---|",

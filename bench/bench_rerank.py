@@ -109,7 +109,7 @@ def main() -> None:
     gallery, gallery_labels, queries, query_labels = make_features(args)
     extract_s = time.perf_counter() - start
     labels = candidates(query_labels, args.individuals, args.candidates, args.seed)
-    descriptors = np.mean([len(gallery[i].desc) for i in range(len(gallery))]) * args.photos * args.candidates
+    descriptors = np.mean([len(f.desc) for f in gallery]) * args.photos * args.candidates
     opts = {"ratio": args.ratio, "ransac_px": args.ransac_px, "geometry": args.geometry}
 
     rerank.candidate_inliers(labels[:2], queries[:2], gallery, gallery_labels, **opts, device=devices[-1])  # warm-up

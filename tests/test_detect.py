@@ -389,9 +389,11 @@ def test_detector_batches_are_pinned_only_for_a_gpu() -> None:
     a GPU but runs with `device: cpu`."""
     import torch
 
+    from whaleid.inference import resolve_device
+
     cfg = load_config()
     dataset = detector.LetterboxDataset([], 64, (0.5,) * 3, (0.25,) * 3)
     assert detector._loader(dataset, cfg, torch.device("cuda")).pin_memory is True
     assert detector._loader(dataset, cfg, torch.device("cpu")).pin_memory is False
     with pytest.raises(UserError, match="unknown device 'tpu'"):
-        detector.device_of(load_config(sets=["device=tpu"]))
+        resolve_device(load_config(sets=["device=tpu"]).device)

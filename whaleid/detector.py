@@ -43,11 +43,6 @@ HEAD_WIDTH = 128
 L1_WEIGHT, GIOU_WEIGHT, CONF_WEIGHT = 5.0, 2.0, 1.0   # DETR's L1:GIoU ratio
 
 
-def device_of(cfg: Config) -> torch.device:
-    """The torch device named by `cfg.device` (auto: CUDA when available)."""
-    return resolve_device(cfg.device)
-
-
 # --- model ---------------------------------------------------------------------------------
 
 class BoxHead(nn.Module):
@@ -258,7 +253,7 @@ def ensure(cfg: Config, catalogue: pd.DataFrame, weights: Path) -> tuple[Detecto
         )
     fingerprint = boxes_fingerprint(boxes)
     torch.manual_seed(cfg.seed)  # the head's initial weights, so a retrain reproduces the same boxes
-    det = Detector(cfg.crop.detector, device_of(cfg))
+    det = Detector(cfg.crop.detector, resolve_device(cfg.device))
     saved = _load_saved(weights)
     if saved is not None:
         if saved.get("recipe") == _recipe(cfg) and saved.get("boxes_fingerprint") == fingerprint:
