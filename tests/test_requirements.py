@@ -1,6 +1,7 @@
 """The install contract: requirements.txt states ranges, constraints.txt the tested set, and the
 Makefile installs with both, so a fresh clone gets the versions the benchmarks were measured on."""
 
+import re
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -46,3 +47,35 @@ def test_the_makefile_installs_with_the_constraints():
         "pip's cache would hold a second copy of torch's CUDA wheels (a CI run ran out of disk)")
     assert "$(VENV)/.installed: requirements.txt constraints.txt" in makefile, (
         "a change of constraints.txt must reinstall the venv")
+
+
+def _defined_options(script: Path) -> set[str]:
+    """The --options a bench script's parser defines (its own, and whaleid.cli's for --config/--set)."""
+    source = script.read_text()
+    if "build_parser" in source:
+        source += (ROOT / "whaleid" / "cli.py").read_text()
+    return set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", source))
+
+
+def test_every_bench_call_in_the_makefile_uses_options_its_script_defines():
+    calls = [line.strip() for line in (ROOT / "Makefile").read_text().splitlines()
+             if re.search(r"\$\(PY\) bench/\w+\.py", line)]
+    assert len(calls) >= 7, calls                      # bench (4), bench-accuracy (1), bench-gpu (3)
+    for call in calls:
+        script = ROOT / re.search(r"bench/\w+\.py", call).group(0)
+        assert script.is_file(), call
+        used = {opt.split("=")[0] for opt in re.findall(r"(?<!\S)--[a-z0-9-]+", call)}
+        unknown = used - _defined_options(script)
+        assert not unknown, f"Makefile calls {script.name} with {sorted(unknown)}, which it does not define"
+
+
+def test_every_cuda_only_test_is_selected_by_make_bench_gpu():
+    """`make bench-gpu` runs `pytest -k cuda`: a CUDA-only test without 'cuda' in its name would never run."""
+    assert "pytest -q -rs -k cuda" in (ROOT / "Makefile").read_text()
+    found = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        source = path.read_text()
+        for m in re.finditer(r"skipif\(not torch\.cuda\.is_available\(\)[^\n]*\n(?:@[^\n]*\n)*def (\w+)", source):
+            found.append(m.group(1))
+    assert len(found) >= 2, found
+    assert all("cuda" in name for name in found), found
