@@ -84,7 +84,7 @@ bench-accuracy: $(VENV)/.installed  ## accuracy on the right whale set, CPU prof
 
 # On a CUDA box: the tests that only run there, then the GPU measurements the README still owes
 # (stage 03's chunked loader against the bare model, re-ranking on the GPU against the CPU, kNN on
-# the GPU). About 5 minutes on an H100; results in bench/results/*_gpu*.md.
+# the GPU). Not yet run on a GPU (written in a session without one); results in bench/results/*_gpu*.md.
 GPU_WORKERS ?= 14
 bench-gpu: $(VENV)/.installed  ## on a CUDA GPU: CUDA-only tests, then GPU embedding, re-ranking and kNN benchmarks
 	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make bench-gpu: torch sees no CUDA GPU')"

@@ -272,19 +272,26 @@ def test_knn_backend_follows_device_cpu_on_a_box_with_a_gpu(monkeypatch, backend
     assert knn.resolve_backend(knn.backend_for_device(backend, device)) == gpu_backend
 
 
-def test_stage_04_searches_with_the_backend_device_cpu_implies(tmp_path, monkeypatch) -> None:
-    from tests.test_submit import config, make_artifacts
-    from whaleid import submit
-
-    make_artifacts(tmp_path)
-    seen = []
-    real = knn.rank_queries
+def record_backends(monkeypatch, name: str) -> list[str]:
+    """Patch `knn.<name>` to record the backend each call asks for, then search with faiss on the
+    CPU (so the test runs on any machine); returns the list it records into."""
+    seen: list[str] = []
+    real = getattr(knn, name)
 
     def recording(*args, **kwargs):
         seen.append(kwargs["backend"])
         return real(*args, **{**kwargs, "backend": "faiss_cpu"})
 
-    monkeypatch.setattr(knn, "rank_queries", recording)
+    monkeypatch.setattr(knn, name, recording)
+    return seen
+
+
+def test_stage_04_searches_with_the_backend_device_cpu_implies(tmp_path, monkeypatch) -> None:
+    from tests.test_submit import config, make_artifacts
+    from whaleid import submit
+
+    make_artifacts(tmp_path)
+    seen = record_backends(monkeypatch, "rank_queries")
     submit.run(config(tmp_path, "knn.backend=auto", "device=cpu"))
     assert seen and set(seen) == {"faiss_cpu"}
     seen.clear()

@@ -540,16 +540,9 @@ def test_epoch_line_shows_validation_only_where_it_ran() -> None:
 
 def test_validation_searches_on_the_cpu_under_device_cpu(tmp_path: Path, monkeypatch) -> None:
     """With `device: cpu` and `knn.backend: auto`, stage 02's validation kNN stays off any GPU."""
-    from whaleid import knn
+    from tests.test_knn import record_backends
 
-    seen = []
-    real = knn.evaluate_fold
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["backend"])
-        return real(*args, **{**kwargs, "backend": "faiss_cpu"})
-
-    monkeypatch.setattr(knn, "evaluate_fold", recording)
+    seen = record_backends(monkeypatch, "evaluate_fold")
     outputs = make_tiny_outputs(tmp_path / "outputs")
     run(tiny_cfg(outputs, "knn.backend=auto", "device=cpu"))
     assert seen and set(seen) == {"faiss_cpu"}
